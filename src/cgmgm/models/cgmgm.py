@@ -1,0 +1,132 @@
+"""CGMGM: backbone -> IMGR -> CDGMG -> QCPE -> decoder (paper Fig. 2).
+
+    images --backbone (frozen)--> mid X (L2+L3 -> 1x1 -> 256), high X^h (L4)
+    IMGR  (Eq. 2-7)   X^h_s, X^h_q, M_s          -> initial query mask M_q
+    CDGMG (Eq. 8-11)  X_s, X_q, M_s, M_q         -> theta_fg, theta_bg
+    QCPE  (Eq. 12-13) X_q, theta                 -> p(fg | x)
+    decoder           [X_q, prototype, guidance] -> 2-class logits
+
+Ablation switches (Tables 1 and 5, Fig. 6): ``guidance`` "gmm" (C&Q on) or "cosine" (the
+prototype + cosine-prior baseline, C&Q off); ``img`` / ``imr`` (IMGR parts); ``components`` and
+``covariance`` of the mixtures. ``training_free=True`` keeps only the frozen backbone: the
+mixtures are fitted on its mid features as they are and the prediction is the posterior's argmax.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cgmgm.models.decoder import Decoder
+from cgmgm.models.gmm import CDGMG
+from cgmgm.models.imgr import IMGR
+from cgmgm.models.qcpe import QCPE
+
+GUIDANCES = ("gmm", "cosine")
+IGNORE = 255
+
+
+def mask_fractions(masks: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Label masks [..., H, W] (0 bg, 1 fg, 255 ignore) -> (fg, bg) area fractions at ``size``.
+
+    Each output cell holds the fraction of its input area that is fg (or bg); ignore pixels
+    count for neither, so fg + bg < 1 near ignore borders.
+    """
+    lead = masks.shape[:-2]
+    m = masks.reshape(-1, 1, *masks.shape[-2:])
+    onehot = torch.cat([(m == 1), (m == 0)], 1).float()  # [N, 2, H, W]
+    frac = F.adaptive_avg_pool2d(onehot, size)  # [N, 2, h, w]
+    fg, bg = frac[:, 0].reshape(*lead, *size), frac[:, 1].reshape(*lead, *size)
+    return fg, bg
+
+
+def masked_average(features: Tensor, weight: Tensor) -> Tensor:
+    """Masked average pooling over shots and pixels: [B, K, C, H, W], [B, K, H, W] -> [B, C]."""
+    num = (features * weight[:, :, None]).sum((1, 3, 4))
+    return num / (weight.sum((1, 2, 3))[:, None] + 1e-5)
+
+
+class CGMGM(nn.Module):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        guidance: str = "gmm",
+        img: bool = True,
+        imr: bool = True,
+        components: int = 3,
+        covariance: str = "diag",
+        em_iters: int = 10,
+        gmm_grad: bool = True,
+        reg_covar: float = 1e-6,
+        threshold: float = 0.5,
+        proj_dim: int = 256,
+        training_free: bool = False,
+    ):
+        super().__init__()
+        if guidance not in GUIDANCES:
+            raise ValueError(f"CGMGM: guidance must be one of {GUIDANCES}, got {guidance!r}")
+        if training_free and guidance != "gmm":
+            raise ValueError("CGMGM: training_free predicts the GMM posterior; use guidance='gmm'")
+        self.backbone = backbone
+        self.guidance = guidance
+        self.training_free = training_free
+        self.imgr = IMGR(img=img, imr=imr, threshold=threshold)
+        self.cdgmg = CDGMG(components, covariance, em_iters, gmm_grad, reg_covar)
+        self.qcpe = QCPE()
+        if training_free:
+            self.proj, self.decoder = None, None
+        else:
+            self.proj = nn.Sequential(
+                nn.Conv2d(backbone.mid_channels, proj_dim, 1, bias=False), nn.ReLU(inplace=True)
+            )
+            self.decoder = Decoder(proj_dim, guidance_channels=1)
+
+    def forward(self, query_img: Tensor, support_imgs: Tensor, support_masks: Tensor) -> dict:
+        """query_img [B, 3, H, W]; support_imgs [B, K, 3, H, W]; support_masks [B, K, H, W]
+        (0 bg, 1 fg, 255 ignore), images as floats in [0, 1].
+
+        Returns a dict: ``logits`` [B, 2, H, W]; at the feature resolution [B, 1, h, w]:
+        ``guidance`` (the map given to the decoder), ``cosine_prior`` (Eq. 2), ``coarse_mask``
+        (M_q^0), ``initial_mask`` (M_q), and for guidance "gmm" ``posterior`` p(fg|x) and
+        ``log_likelihood`` [B, 2, h, w] (bg, fg).
+        """
+        b, k = support_imgs.shape[:2]
+        if support_masks.shape != (b, k, *support_imgs.shape[-2:]):
+            raise ValueError(
+                f"support_masks must be [B, K, H, W]={(b, k, *support_imgs.shape[-2:])}, "
+                f"got {tuple(support_masks.shape)}"
+            )
+        mid_q, high_q = self.backbone(query_img)  # [B, Cm, h, w], [B, Ch, h, w]
+        mid_s, high_s = self.backbone(support_imgs.flatten(0, 1))  # [B*K, C, h, w]
+        if self.proj is not None:
+            mid_q, mid_s = self.proj(mid_q), self.proj(mid_s)  # [*, 256, h, w]
+        size = mid_q.shape[-2:]
+        mid_s = mid_s.unflatten(0, (b, k))  # [B, K, D, h, w]
+        high_s = high_s.unflatten(0, (b, k))  # [B, K, Ch, h, w]
+        fg, bg = mask_fractions(support_masks, size)  # [B, K, h, w] each
+
+        out = self.imgr(high_q, high_s, fg)
+        if self.guidance == "gmm":
+            query_fg = out["initial_mask"] if self.imgr.img else None
+            theta = self.cdgmg(mid_s, fg, bg, mid_q, query_fg)  # [B, 2] mixtures (bg, fg)
+            out.update(self.qcpe(mid_q, theta))
+            out["guidance"] = out["posterior"]
+        else:
+            out["guidance"] = out["cosine_prior"]
+
+        if self.training_free:
+            p = F.interpolate(
+                out["posterior"], size=query_img.shape[-2:], mode="bilinear", align_corners=False
+            )
+            out["logits"] = torch.cat([1 - p, p], 1).clamp_min(1e-6).log()
+        else:
+            logits = self.decoder(mid_q, masked_average(mid_s, fg), out["guidance"])
+            out["logits"] = F.interpolate(
+                logits, size=query_img.shape[-2:], mode="bilinear", align_corners=False
+            )
+        return out
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The new layers (projection, decoder); the backbone stays frozen."""
+        return [p for p in self.parameters() if p.requires_grad]

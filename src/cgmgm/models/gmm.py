@@ -1,0 +1,420 @@
+"""CDGMG: Cross Data Gaussian Mixture Generating (paper Eq. 8-11), as a batched weighted EM.
+
+Public API (users' scripts call these names and positions)::
+
+    params = fit_gmm(x, weight, components=3, covariance="diag", iters=10)
+    ll = log_likelihood(params, x)  # log p(x | c) of Eq. 8 / Eq. 12
+
+``x`` is [B, N, D]; ``weight`` is [B, N] (one class) or [B, C, N] (C classes that share the
+same features, e.g. fg and bg of an episode). A weight of 0 means "not in this class"; soft
+weights in (0, 1] are allowed (fractional mask coverage). Each (batch item, class) pair is an
+independent mixture, and the result equals fitting each of them alone.
+
+Readings of points the paper leaves open (see DESIGN.md):
+- Initialisation is deterministic (no global RNG): the weighted points of a class are split
+  into M groups of equal weight along their principal axis (found by power iteration), and
+  one M-step on that hard assignment gives theta^0. ``init=`` overrides it.
+- EM runs a fixed number of iterations, with no early stop.
+- A variance floor ``reg_covar`` is added to every covariance diagonal (as scikit-learn's
+  ``reg_covar``), but measured relative to the spread of the episode's data, so that the
+  fit behaves the same for features of scale 1e-3 and 1e3. Internally every batch item is
+  centred and scaled once (shared by its classes); the returned parameters are in the
+  original units.
+- Gradients: the EM iterations run without gradient; the last iteration runs with
+  gradient when ``grad=True``, so the final parameters are a differentiable function of x.
+- A class whose total weight is 0 (an empty mask) gets ``valid = False`` and finite
+  placeholder parameters; callers decide what an empty class means (QCPE: uniform posterior).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+COVARIANCES = ("diag", "full")
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+class GaussianMixture(NamedTuple):
+    """Mixture parameters theta_c = {pi_c, mu_c, Sigma_c} of Eq. 8, for a batch of classes.
+
+    Shapes use ``...`` for the leading batch dims ([B] or [B, C]):
+    log_weights [..., M]; means [..., M, D];
+    covariances [..., M, D] ("diag": variances) or [..., M, D, D] ("full");
+    precision_chol [..., M, D] ("diag": 1/sqrt(var)) or [..., M, D, D] ("full": P with
+    Sigma^-1 = P P^T, P upper triangular, scikit-learn's convention);
+    valid [...] bool (the class had positive total weight).
+    """
+
+    log_weights: Tensor
+    means: Tensor
+    covariances: Tensor
+    precision_chol: Tensor
+    valid: Tensor
+
+    @property
+    def covariance_type(self) -> str:
+        return "full" if self.covariances.dim() == self.means.dim() + 1 else "diag"
+
+    @property
+    def weights(self) -> Tensor:
+        return self.log_weights.exp()
+
+
+def _check_inputs(x: Tensor, weight: Tensor, components: int, covariance: str) -> Tensor:
+    """Validate shapes and return the weight as [B, C, N]."""
+    if x.dim() != 3:
+        raise ValueError(f"fit_gmm: x must be [B, N, D], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"fit_gmm: x must be floating point, got {x.dtype}")
+    if weight.dim() == 2:
+        weight = weight.unsqueeze(1)
+    if weight.dim() != 3 or weight.shape[0] != x.shape[0] or weight.shape[2] != x.shape[1]:
+        raise ValueError(
+            f"fit_gmm: weight must be [B, N] or [B, C, N] matching x [B, N, D]={tuple(x.shape)}, "
+            f"got {tuple(weight.shape)}"
+        )
+    if covariance not in COVARIANCES:
+        raise ValueError(f"fit_gmm: covariance must be one of {COVARIANCES}, got {covariance!r}")
+    if int(components) < 1:
+        raise ValueError(f"fit_gmm: components must be >= 1, got {components}")
+    if not torch.isfinite(x.sum()):  # one cheap pass; any NaN or inf makes the sum non-finite
+        raise ValueError("fit_gmm: x contains NaN or inf")
+    if not torch.isfinite(weight.sum()) or bool((weight < 0).any()):
+        raise ValueError("fit_gmm: weight must be finite and >= 0")
+    return weight.to(x.dtype)
+
+
+def _standardise(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Centre and scale each batch item by its weighted mean and RMS spread.
+
+    x [B, N, D], weight [B, C, N] -> (x' [B, N, D], centre [B, D], scale [B]).
+    """
+    w = weight.sum(1)  # [B, N]: a point counts once even if it is in several classes
+    total = w.sum(1, keepdim=True)  # [B, 1]
+    w = torch.where(total > 0, w / total.clamp_min(1e-30), torch.full_like(w, 1.0 / w.shape[1]))
+    centre = torch.einsum("bn,bnd->bd", w, x)  # [B, D]
+    sq = torch.einsum("bn,bnd->bd", w, (x - centre[:, None]) ** 2).mean(1)  # [B]
+    # A floor relative to the feature magnitude keeps constant (duplicated) data finite.
+    mag = centre.pow(2).mean(1) + 1.0
+    scale = (sq + 1e-10 * mag).sqrt()  # [B]
+    return (x - centre[:, None]) / scale[:, None, None], centre, scale
+
+
+def _precision_chol_full(cov: Tensor, reg: float) -> tuple[Tensor, Tensor]:
+    """Sigma [..., D, D] -> (Sigma + jitter, P upper with Sigma^-1 = P P^T)."""
+    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+    cov = 0.5 * (cov + cov.transpose(-1, -2)) + reg * eye
+    chol, info = torch.linalg.cholesky_ex(cov)
+    jitter = reg
+    while bool((info > 0).any()):  # rare: grow the jitter only where the factorisation failed
+        jitter *= 10.0
+        bad = (info > 0)[..., None, None]
+        cov = torch.where(bad, cov + jitter * eye, cov)
+        chol, info = torch.linalg.cholesky_ex(cov)
+    # P = L^-T, from L^-1 by a triangular solve against the identity.
+    linv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+    return cov, linv.transpose(-1, -2)
+
+
+def _moments(x: Tensor) -> Tensor:
+    """[x, x*x] concatenated: [B, N, D] -> [B, N, 2D].
+
+    Every diag E-step and M-step is then one thin matrix product against this array, so the
+    data is read twice per EM iteration and x*x is computed once per fit.
+    """
+    return torch.cat([x, x * x], dim=-1)
+
+
+def _log_gauss(z: Tensor, means: Tensor, prec_chol: Tensor, full: bool) -> Tensor:
+    """log N(x; mu_m, Sigma_m) of Eq. 12 for every point and component.
+
+    z: [B, N, 2D] moments [x, x*x] ("diag") or x [B, N, D] ("full"); means [B, K, D];
+    prec_chol [B, K, D] (diag) or [B, K, D, D] (full) -> [B, N, K], where K = C * M
+    components of all classes at once (they share the features).
+    """
+    d = means.shape[-1]
+    if not full:
+        prec = prec_chol**2  # [B, K, D] = 1 / var
+        # ||(x - mu) / sigma||^2 = x^2 . prec - 2 x . (mu prec) + mu^2 . prec, as one product.
+        coef = torch.cat([-2.0 * means * prec, prec], dim=-1)  # [B, K, 2D]
+        maha = torch.bmm(z, coef.transpose(1, 2)) + (means**2 * prec).sum(-1)[:, None, :]
+        maha = maha.clamp_min(0.0)  # [B, N, K]
+        log_det = prec_chol.log().sum(-1)  # [B, K] = log |Sigma|^-1/2
+    else:
+        cols = []
+        for k in range(means.shape[1]):  # K is small (C * M); each step is one [N, D] x [D, D]
+            p = prec_chol[:, k]  # [B, D, D]
+            y = z @ p - (means[:, k, None, :] @ p)  # [B, N, D]
+            cols.append(y.pow(2).sum(-1))
+        maha = torch.stack(cols, -1)  # [B, N, K]
+        log_det = prec_chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)  # [B, K]
+    return -0.5 * (d * _LOG_2PI + maha) + log_det[:, None, :]
+
+
+def _e_step(z: Tensor, weight: Tensor, gm: GaussianMixture, full: bool) -> Tensor:
+    """Eq. 10: weighted responsibilities w_cn * p_cn[m]. weight [B, C, N] -> [B, N, C, M]."""
+    b, c, m = gm.log_weights.shape
+    pc = gm.precision_chol.flatten(1, 2)
+    logp = _log_gauss(z, gm.means.flatten(1, 2), pc, full).view(b, -1, c, m)  # [B, N, C, M]
+    logp = logp + gm.log_weights[:, None]
+    # Softmax over the M components of each class, written out: torch.softmax is slow on a
+    # last dimension of 1-6 entries.
+    resp = (logp - logp.amax(-1, keepdim=True)).exp_()
+    resp = resp * (weight.transpose(1, 2)[..., None] / resp.sum(-1, keepdim=True))
+    return resp
+
+
+def _m_step(z: Tensor, wresp: Tensor, reg: float, full: bool) -> GaussianMixture:
+    """Eq. 11 with weights: z as in _log_gauss, wresp [B, N, C, M] -> theta (standard units)."""
+    b, n, c, m = wresp.shape
+    eps = 10.0 * torch.finfo(z.dtype).eps
+    r = wresp.flatten(2)  # [B, N, K]
+    nk = r.sum(1) + eps  # [B, K]  N_cm
+    nc = wresp.sum((1, 3))  # [B, C]  N_c
+    log_weights = (nk.view(b, c, m) / (nc[..., None] + m * eps)).log()  # pi_cm = N_cm / N_c
+    if not full:
+        d = z.shape[-1] // 2
+        mom = torch.bmm(r.transpose(1, 2), z) / nk[..., None]  # [B, K, 2D]: E[x], E[x^2]
+        means = mom[..., :d]
+        var = (mom[..., d:] - means**2).clamp_min(0.0) + reg
+        cov, prec_chol = var, var.rsqrt()
+    else:
+        means = torch.bmm(r.transpose(1, 2), z) / nk[..., None]  # [B, K, D]
+        covs = []
+        for k in range(c * m):
+            xc = z - means[:, k, None, :]  # [B, N, D]
+            covs.append((xc * r[:, :, k, None]).transpose(1, 2) @ xc / nk[:, k, None, None])
+        cov, prec_chol = _precision_chol_full(torch.stack(covs, 1), reg)  # [B, K, D, D]
+    shape = (b, c, m)
+    return GaussianMixture(
+        log_weights,
+        means.reshape(*shape, -1),
+        cov.reshape(*shape, *cov.shape[2:]),
+        prec_chol.reshape(*shape, *prec_chol.shape[2:]),
+        nc > 0,
+    )
+
+
+def _initial_assignment(x: Tensor, weight: Tensor, m: int, power_iters: int = 8) -> Tensor:
+    """Deterministic hard split of each class into M equal-weight groups along its principal axis.
+
+    x [B, N, D], weight [B, C, N] -> one-hot weighted responsibilities [B, N, C, M].
+    """
+    total = weight.sum(-1, keepdim=True).clamp_min(1e-30)  # [B, C, 1]
+    w = weight / total
+    mean = torch.einsum("bcn,bnd->bcd", w, x)  # [B, C, D]
+    v = torch.ones_like(mean) / math.sqrt(x.shape[-1])  # [B, C, D], fixed start
+    for _ in range(power_iters):  # v <- Cov v without forming the D x D covariance
+        proj = torch.einsum("bnd,bcd->bcn", x, v) - (mean * v).sum(-1, keepdim=True)
+        v = torch.einsum("bcn,bnd->bcd", w * proj, x) - (w * proj).sum(-1, keepdim=True) * mean
+        v = F.normalize(v, dim=-1)
+    proj = torch.einsum("bnd,bcd->bcn", x, v)  # [B, C, N]
+    order = proj.argsort(-1)
+    cum = torch.gather(w, -1, order).cumsum(-1) - 0.5 * torch.gather(w, -1, order)
+    group_sorted = (cum * m).floor().clamp(0, m - 1).long()
+    group = torch.empty_like(group_sorted).scatter_(-1, order, group_sorted)  # [B, C, N]
+    onehot = F.one_hot(group, m).to(x.dtype)  # [B, C, N, M]
+    return (onehot * weight[..., None]).transpose(1, 2)  # [B, N, C, M]
+
+
+def _to_standard(gm: GaussianMixture, centre: Tensor, scale: Tensor) -> GaussianMixture:
+    """Express user-given parameters (original units) in the standardised units."""
+    s = scale.view(-1, *([1] * (gm.means.dim() - 1)))  # broadcast over [C, M, D]
+    means = (gm.means - centre.view(centre.shape[0], *([1] * (gm.means.dim() - 2)), -1)) / s
+    if gm.covariance_type == "full":
+        return gm._replace(
+            means=means,
+            covariances=gm.covariances / s[..., None] ** 2,
+            precision_chol=gm.precision_chol * s[..., None],
+        )
+    return gm._replace(
+        means=means, covariances=gm.covariances / s**2, precision_chol=gm.precision_chol * s
+    )
+
+
+def _from_standard(gm: GaussianMixture, centre: Tensor, scale: Tensor) -> GaussianMixture:
+    s = scale.view(-1, *([1] * (gm.means.dim() - 1)))
+    means = gm.means * s + centre.view(centre.shape[0], *([1] * (gm.means.dim() - 2)), -1)
+    if gm.covariance_type == "full":
+        return gm._replace(
+            means=means,
+            covariances=gm.covariances * s[..., None] ** 2,
+            precision_chol=gm.precision_chol / s[..., None],
+        )
+    return gm._replace(
+        means=means, covariances=gm.covariances * s**2, precision_chol=gm.precision_chol / s
+    )
+
+
+def _placeholder(gm: GaussianMixture) -> GaussianMixture:
+    """Finite parameters for empty classes: uniform weights, zero means, unit covariance."""
+    ok = gm.valid
+    m = gm.log_weights.shape[-1]
+    okm = ok[..., None]
+    log_weights = torch.where(okm, gm.log_weights, torch.full_like(gm.log_weights, -math.log(m)))
+    means = torch.where(okm[..., None], gm.means, torch.zeros_like(gm.means))
+    extra = (None,) * (gm.covariances.dim() - ok.dim())
+    okc = ok[(...,) + extra]
+    if gm.covariance_type == "full":
+        eye = torch.eye(gm.means.shape[-1], dtype=gm.means.dtype, device=gm.means.device)
+        cov = torch.where(okc, gm.covariances, eye.expand_as(gm.covariances))
+        pc = torch.where(okc, gm.precision_chol, eye.expand_as(gm.precision_chol))
+    else:
+        cov = torch.where(okc, gm.covariances, torch.ones_like(gm.covariances))
+        pc = torch.where(okc, gm.precision_chol, torch.ones_like(gm.precision_chol))
+    return GaussianMixture(log_weights, means, cov, pc, ok)
+
+
+def fit_gmm(
+    x: Tensor,
+    weight: Tensor,
+    components: int = 3,
+    covariance: str = "diag",
+    iters: int = 10,
+    *,
+    reg_covar: float = 1e-6,
+    init: GaussianMixture | None = None,
+    grad: bool = True,
+) -> GaussianMixture:
+    """Fit one weighted Gaussian mixture per (batch item, class) with EM (Eq. 9-11).
+
+    Args:
+        x: [B, N, D] features (support and query pixels of an episode, flattened).
+        weight: [B, N] or [B, C, N], >= 0; 0 = the point is not in that class.
+        components: M, Gaussians per class (Eq. 8).
+        covariance: "diag" (independent dims) or "full" (correlated), Fig. 6.
+        iters: EM iterations (E-step Eq. 10 + M-step Eq. 11), no early stop.
+        reg_covar: variance floor added to the covariance diagonal, relative to the data's
+            spread (1.0 = the RMS variance of the batch item's data).
+        init: optional starting parameters theta^0 in original units, shaped like the
+            result; default is the deterministic principal-axis split.
+        grad: run the last iteration with autograd on, so the result is differentiable in x.
+
+    Returns:
+        GaussianMixture with leading dims [B] (weight [B, N]) or [B, C] (weight [B, C, N]).
+    """
+    single = weight.dim() == 2
+    weight = _check_inputs(x, weight, components, covariance)
+    if not grad:
+        x, weight = x.detach(), weight.detach()
+    full = covariance == "full"
+    m = int(components)
+    if iters < 0:
+        raise ValueError(f"fit_gmm: iters must be >= 0, got {iters}")
+    xs, centre, scale = _standardise(x, weight)
+
+    def data(v: Tensor) -> Tensor:
+        return v if full else _moments(v)
+
+    with torch.no_grad():
+        xd, wd = xs.detach(), weight.detach()
+        zd = data(xd)
+        if init is None:
+            gm = _m_step(zd, _initial_assignment(xd, wd, m), reg_covar, full)
+        else:
+            if single:
+                init = GaussianMixture(*(t.unsqueeze(1) for t in init[:4]), init.valid.unsqueeze(1))
+            gm = _to_standard(init, centre.detach(), scale.detach())
+            if gm.log_weights.shape != (x.shape[0], weight.shape[1], m):
+                raise ValueError(
+                    f"fit_gmm: init has log_weights {tuple(gm.log_weights.shape)}, "
+                    f"expected {(x.shape[0], weight.shape[1], m)}"
+                )
+            gm = gm._replace(valid=weight.sum(-1) > 0)
+        for _ in range(max(iters - 1, 0)):
+            gm = _m_step(zd, _e_step(zd, wd, gm, full), reg_covar, full)
+
+    if iters > 0:
+        z = data(xs) if xs.requires_grad else zd
+        gm = _m_step(z, _e_step(z, weight, gm, full), reg_covar, full)
+    gm = _placeholder(_from_standard(gm, centre, scale))
+    if single:
+        gm = GaussianMixture(*(t.squeeze(1) for t in gm))
+    return gm
+
+
+def log_likelihood(params: GaussianMixture, x: Tensor) -> Tensor:
+    """log p(x | c; theta_c) of Eq. 8/12, computed with log-sum-exp.
+
+    params with leading dims [B] -> [B, N]; with [B, C] -> [B, C, N]. x is [B, N, D].
+    Classes with ``valid = False`` evaluate their placeholder parameters (finite values).
+    """
+    single = params.log_weights.dim() == 2
+    if single:
+        params = GaussianMixture(*(t.unsqueeze(1) for t in params))
+    b, c, m = params.log_weights.shape
+    full = params.covariance_type == "full"
+    # Shift x by the mixture's mean centre so the expanded quadratic form has no large cancellation.
+    shift = (params.weights[..., None] * params.means).sum(-2).mean(1)  # [B, D]
+    xs = x - shift[:, None]
+    means = (params.means - shift[:, None, None]).flatten(1, 2)
+    z = xs if full else _moments(xs)
+    logp = _log_gauss(z, means, params.precision_chol.flatten(1, 2), full).view(b, -1, c, m)
+    ll = torch.logsumexp(logp + params.log_weights[:, None], dim=-1).transpose(1, 2)  # [B, C, N]
+    return ll.squeeze(1) if single else ll
+
+
+class CDGMG(nn.Module):
+    """Cross Data Gaussian Mixture Generating: one fg and one bg mixture per episode (Eq. 8-11).
+
+    Each class is fitted on the union of the support pixels (labelled by M_s) and the query
+    pixels (labelled by the initial mask M_q); ignore pixels (255) and padding enter neither.
+    """
+
+    def __init__(
+        self,
+        components: int = 3,
+        covariance: str = "diag",
+        iters: int = 10,
+        grad: bool = True,
+        reg_covar: float = 1e-6,
+    ):
+        super().__init__()
+        if covariance not in COVARIANCES:
+            raise ValueError(f"CDGMG: covariance must be one of {COVARIANCES}, got {covariance!r}")
+        if components < 1:
+            raise ValueError(f"CDGMG: components must be >= 1, got {components}")
+        self.components, self.covariance, self.iters = components, covariance, iters
+        self.grad, self.reg_covar = grad, reg_covar
+
+    def extra_repr(self) -> str:
+        return f"components={self.components}, covariance={self.covariance}, iters={self.iters}"
+
+    def forward(
+        self,
+        support: Tensor,
+        support_fg: Tensor,
+        support_bg: Tensor,
+        query: Tensor,
+        query_fg: Tensor | None,
+    ) -> GaussianMixture:
+        """support [B, K, D, H, W]; support_fg, support_bg [B, K, H, W] in [0, 1] (fractions
+        of each feature cell; cells under ignore have fg + bg < 1); query [B, D, H, W];
+        query_fg M_q [B, 1, H, W] in {0, 1}, or None for a support-only fit.
+
+        Returns theta with leading dims [B, 2]: index 0 = background, 1 = foreground.
+        """
+        b, k, d = support.shape[:3]
+        xs = support.permute(0, 1, 3, 4, 2).reshape(b, -1, d)  # [B, K*H*W, D]
+        ws = torch.stack([support_bg, support_fg], 1).flatten(2)  # [B, 2, K*H*W]
+        if query_fg is None:
+            x, w = xs, ws
+        else:
+            xq = query.flatten(2).transpose(1, 2)  # [B, H*W, D]
+            mq = query_fg.flatten(1)  # [B, H*W]
+            wq = torch.stack([1.0 - mq, mq], 1)  # [B, 2, H*W]
+            x, w = torch.cat([xs, xq], 1), torch.cat([ws, wq], 2)
+        return fit_gmm(
+            x,
+            w,
+            self.components,
+            self.covariance,
+            self.iters,
+            reg_covar=self.reg_covar,
+            grad=self.grad,
+        )

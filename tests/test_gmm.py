@@ -1,0 +1,251 @@
+"""CDGMG (Eq. 8-11): the batched EM against scikit-learn and against itself."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy.stats import multivariate_normal
+from sklearn.mixture import GaussianMixture as SkGMM
+
+from cgmgm.models.gmm import CDGMG, GaussianMixture, fit_gmm, log_likelihood
+
+
+def _blobs(rng, n=(150, 120, 90), d=4, spread=3.0):
+    parts = [rng.normal(rng.normal(0, spread, d), rng.uniform(0.3, 1.5, d), (k, d)) for k in n]
+    return np.concatenate(parts)
+
+
+def _relative_reg(x: np.ndarray, reg: float) -> float:
+    """Our reg_covar is relative to the RMS variance of the data: the absolute equivalent."""
+    return reg * x.var(0).mean()
+
+
+def _sk_from(gm: GaussianMixture, cov: str, x: np.ndarray, iters: int, reg: float) -> SkGMM:
+    w = gm.weights[0].double().numpy()
+    prec = (
+        1.0 / gm.covariances[0].double().numpy()
+        if cov == "diag"
+        else np.linalg.inv(gm.covariances[0].double().numpy())
+    )
+    return SkGMM(
+        w.size,
+        covariance_type=cov,
+        max_iter=iters,
+        tol=0.0,
+        reg_covar=_relative_reg(x, reg),
+        weights_init=w / w.sum(),
+        means_init=gm.means[0].double().numpy(),
+        precisions_init=prec,
+    ).fit(x)
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+@pytest.mark.parametrize("cov", ["diag", "full"])
+@pytest.mark.parametrize("seed", [11, 12, 13])
+def test_em_matches_sklearn(cov, seed):
+    rng = np.random.default_rng(seed)
+    x = _blobs(rng)
+    xt, w = torch.tensor(x)[None], torch.ones(1, len(x), dtype=torch.float64)
+    init = fit_gmm(xt, w, 3, cov, iters=0)  # our deterministic initial theta^0
+    ours = fit_gmm(xt, w, 3, cov, iters=12)
+    sk = _sk_from(init, cov, x, 12, 1e-6)
+    order = np.argsort(sk.means_[:, 0])
+    mine = np.argsort(ours.means[0, :, 0].numpy())
+    np.testing.assert_allclose(ours.means[0].numpy()[mine], sk.means_[order], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(ours.weights[0].numpy()[mine], sk.weights_[order], atol=1e-7)
+    np.testing.assert_allclose(
+        ours.covariances[0].numpy()[mine], sk.covariances_[order], rtol=1e-5, atol=1e-7
+    )
+    np.testing.assert_allclose(log_likelihood(ours, xt)[0].numpy(), sk.score_samples(x), atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+@pytest.mark.parametrize("cov", ["diag", "full"])
+def test_em_float32_close_to_sklearn(cov):
+    rng = np.random.default_rng(5)
+    x = _blobs(rng, d=16) * 40.0 + 7.0
+    xt = torch.tensor(x, dtype=torch.float32)[None]
+    init = fit_gmm(xt.double(), torch.ones(1, len(x), dtype=torch.float64), 3, cov, iters=0)
+    ours = fit_gmm(xt, torch.ones(1, len(x)), 3, cov, iters=8)
+    sk = _sk_from(init, cov, x, 8, 1e-6)
+    ll = log_likelihood(ours, xt)[0].double().numpy()
+    np.testing.assert_allclose(ll, sk.score_samples(x), rtol=1e-4, atol=1e-3)
+
+
+def test_recovers_well_separated_means():
+    rng = np.random.default_rng(3)
+    centres = np.array([[0.0, 0, 0], [10, 0, 0], [0, 10, 0]])
+    x = np.concatenate([rng.normal(c, 0.5, (200, 3)) for c in centres])
+    gm = fit_gmm(torch.tensor(x)[None], torch.ones(1, 600, dtype=torch.float64), 3, "diag", 20)
+    got = gm.means[0].numpy()
+    dist = np.linalg.norm(got[:, None] - centres[None], axis=-1).min(0)
+    assert dist.max() < 0.2, got
+
+
+def test_init_param_is_respected():
+    rng = np.random.default_rng(8)
+    x = torch.tensor(_blobs(rng))[None]
+    w = torch.ones(1, x.shape[1], dtype=torch.float64)
+    init = fit_gmm(x, w, 3, "diag", iters=0)
+    assert torch.allclose(
+        fit_gmm(x, w, 3, "diag", 7).means, fit_gmm(x, w, 3, "diag", 7, init=init).means
+    )
+    other = init._replace(means=init.means.flip(1) + 1.0)
+    assert not torch.allclose(
+        fit_gmm(x, w, 3, "diag", 1, init=other).means, fit_gmm(x, w, 3, "diag", 1).means
+    )
+
+
+@pytest.mark.parametrize("cov", ["diag", "full"])
+def test_batch_equals_items_alone(cov):
+    g = torch.Generator().manual_seed(0)
+    x = (
+        torch.randn(3, 200, 6, generator=g, dtype=torch.float64)
+        * torch.tensor([1.0, 5.0, 0.2])[:, None, None]
+    )
+    w = (torch.rand(3, 200, generator=g) > 0.4).double()
+    w[1, :50] = 0.3  # soft weights too
+    batch = fit_gmm(x, w, 3, cov, 6)
+    for i in range(3):
+        one = fit_gmm(x[i : i + 1], w[i : i + 1], 3, cov, 6)
+        for a, b in zip(batch[:4], one[:4], strict=True):
+            torch.testing.assert_close(a[i : i + 1], b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("cov", ["diag", "full"])
+def test_zero_weight_points_change_nothing(cov):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 120, 5, generator=g, dtype=torch.float64)
+    w = torch.ones(2, 120, dtype=torch.float64)
+    junk = torch.randn(2, 60, 5, generator=g, dtype=torch.float64) * 100 + 50
+    xa, wa = torch.cat([x, junk], 1), torch.cat([w, torch.zeros(2, 60, dtype=torch.float64)], 1)
+    perm = torch.randperm(180, generator=g)
+    a, b = fit_gmm(x, w, 3, cov, 5), fit_gmm(xa[:, perm], wa[:, perm], 3, cov, 5)
+    for ta, tb in zip(a[:4], b[:4], strict=True):
+        torch.testing.assert_close(ta, tb, rtol=1e-8, atol=1e-8)
+
+
+def test_classes_sharing_features_equal_separate_fits():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 300, 4, generator=g, dtype=torch.float64)
+    fg = (torch.rand(2, 300, generator=g) > 0.5).double()
+    x = x + 3 * fg[..., None]
+    both = fit_gmm(x, torch.stack([1 - fg, fg], 1), 2, "diag", 6, reg_covar=0.0)
+    for c, wc in enumerate([1 - fg, fg]):
+        alone = fit_gmm(x, wc, 2, "diag", 6, reg_covar=0.0)
+        torch.testing.assert_close(both.means[:, c], alone.means)
+        torch.testing.assert_close(both.covariances[:, c], alone.covariances)
+
+
+@pytest.mark.parametrize("cov", ["diag", "full"])
+def test_log_likelihood_against_scipy(cov):
+    rng = np.random.default_rng(4)
+    d, m = 3, 2
+    means = rng.normal(0, 2, (m, d))
+    if cov == "diag":
+        covs = rng.uniform(0.2, 2.0, (m, d))
+        dense = [np.diag(c) for c in covs]
+        pc = 1 / np.sqrt(covs)
+    else:
+        a = rng.normal(0, 1, (m, d, d))
+        dense = [ai @ ai.T + 0.5 * np.eye(d) for ai in a]
+        covs = np.stack(dense)
+        pc = np.stack([np.linalg.inv(np.linalg.cholesky(c)).T for c in dense])
+    weights = np.array([0.3, 0.7])
+    gm = GaussianMixture(
+        torch.tensor(np.log(weights))[None],
+        torch.tensor(means)[None],
+        torch.tensor(covs)[None],
+        torch.tensor(pc)[None],
+        torch.tensor([True]),
+    )
+    x = rng.normal(0, 3, (50, d))
+    want = np.log(
+        sum(
+            w * multivariate_normal(mu, c).pdf(x)
+            for w, mu, c in zip(weights, means, dense, strict=True)
+        )
+    )
+    np.testing.assert_allclose(
+        log_likelihood(gm, torch.tensor(x)[None])[0].numpy(), want, rtol=1e-10
+    )
+
+
+def test_gradient_flows_to_features():
+    x = torch.randn(1, 80, 3, dtype=torch.float64, requires_grad=True)
+    gm = fit_gmm(x, torch.ones(1, 80, dtype=torch.float64), 2, "diag", 4)
+    gm.means.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    x.grad = None
+    gm = fit_gmm(x, torch.ones(1, 80, dtype=torch.float64), 2, "diag", 4, grad=False)
+    assert not gm.means.requires_grad
+
+
+def test_empty_class_is_flagged_and_finite():
+    x = torch.randn(2, 50, 4)
+    w = torch.ones(2, 50)
+    w[1] = 0
+    gm = fit_gmm(x, w, 3, "full", 3)
+    assert gm.valid.tolist() == [True, False]
+    assert all(torch.isfinite(t).all() for t in gm[:4])
+    assert torch.isfinite(log_likelihood(gm, x)).all()
+
+
+def test_bad_input_is_refused():
+    x = torch.randn(1, 10, 2)
+    with pytest.raises(ValueError, match="weight must be"):
+        fit_gmm(x, torch.ones(1, 9), 2)
+    with pytest.raises(ValueError, match="covariance"):
+        fit_gmm(x, torch.ones(1, 10), 2, "spherical")
+    with pytest.raises(ValueError, match="NaN"):
+        fit_gmm(x.clone().fill_(float("nan")), torch.ones(1, 10), 2)
+    with pytest.raises(ValueError, match=">= 0"):
+        fit_gmm(x, -torch.ones(1, 10), 2)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 40),
+    d=st.integers(1, 6),
+    m=st.integers(1, 4),
+    scale=st.sampled_from([1e-3, 1e-1, 1.0, 1e2, 1e3]),
+    offset=st.sampled_from([0.0, 1.0, 1e3]),
+    kind=st.sampled_from(["random", "duplicated", "one_pixel", "empty"]),
+    cov=st.sampled_from(["diag", "full"]),
+    seed=st.integers(0, 2**16),
+)
+def test_degenerate_inputs_stay_finite(n, d, m, scale, offset, kind, cov, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, n, d, generator=g) * scale + offset
+    w = torch.ones(1, n)
+    if kind == "duplicated":
+        x[:] = x[:, :1]
+    elif kind == "one_pixel":
+        w[:] = 0
+        w[0, 0] = 1
+    elif kind == "empty":
+        w[:] = 0
+    gm = fit_gmm(x, w, m, cov, 5)
+    assert all(torch.isfinite(t).all() for t in gm[:4]), kind
+    assert gm.valid.item() == (kind != "empty")
+    ll = log_likelihood(gm, x)
+    assert torch.isfinite(ll).all(), (kind, ll)
+
+
+def test_cdgmg_uses_support_and_query_labels():
+    g = torch.Generator().manual_seed(0)
+    b, k, d, h, w = 2, 2, 8, 6, 6
+    support = torch.randn(b, k, d, h, w, generator=g)
+    query = torch.randn(b, d, h, w, generator=g)
+    fg = (torch.rand(b, k, h, w, generator=g) > 0.5).float()
+    mq = (torch.rand(b, 1, h, w, generator=g) > 0.5).float()
+    theta = CDGMG(2, "diag", 5)(support, fg, 1 - fg, query, mq)
+    xs = support.permute(0, 1, 3, 4, 2).reshape(b, -1, d)
+    x = torch.cat([xs, query.flatten(2).transpose(1, 2)], 1)
+    wfg = torch.cat([fg.flatten(1), mq.flatten(1)], 1)
+    ref = fit_gmm(x, torch.stack([1 - wfg, wfg], 1), 2, "diag", 5)
+    torch.testing.assert_close(theta.means, ref.means)
+    only_support = CDGMG(2, "diag", 5)(support, fg, 1 - fg, query, None)
+    ref_s = fit_gmm(xs, torch.stack([1 - fg.flatten(1), fg.flatten(1)], 1), 2, "diag", 5)
+    torch.testing.assert_close(only_support.means, ref_s.means)
