@@ -1,0 +1,300 @@
+"""Class-index segmentation sources and episodic few-shot sampling.
+
+A *source* is any indexable set of (image, class-index mask) pairs
+(:class:`SegmentationSource`). :class:`EpisodeDataset` turns a source into
+few-shot episodes; episode ``index`` is a pure function of
+``(seed, fold, shot, index)`` so worker counts, DDP sharding and iteration
+order never change which episodes are evaluated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+__all__ = [
+    "IGNORE_INDEX",
+    "ClassIndexSource",
+    "EpisodeDataset",
+    "SegmentationSource",
+    "Transform",
+    "base_classes",
+    "novel_classes",
+    "scaled_min_pixels",
+]
+
+IGNORE_INDEX = 255
+# PASCAL-5i counts a class in an image with >= 2*32*32 pixels; a typical VOC image is 500x375.
+_PASCAL_MIN_PIXELS = 2 * 32 * 32
+_PASCAL_AREA = 500 * 375
+
+Transform = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+@runtime_checkable
+class SegmentationSource(Protocol):
+    """Indexable class-index segmentation data (synthetic, PASCAL, COCO, FSS-1000...).
+
+    ``load(i)`` returns image uint8 [H, W, 3] and mask uint8 [H, W] with 0 = background,
+    1..num_classes = classes, 255 = ignore. ``classes_in(i)``: classes with at least the
+    source's minimum pixel count in image i. ``labels_in(i)``: classes with any pixel.
+    """
+
+    num_classes: int
+
+    def __len__(self) -> int: ...
+
+    def load(self, i: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def classes_in(self, i: int) -> set[int]: ...
+
+    def labels_in(self, i: int) -> set[int]: ...
+
+
+def scaled_min_pixels(height: int, width: int) -> int:
+    """PASCAL's 2*32*32-pixel rule scaled from a 500x375 image to an HxW image (>= 1)."""
+    return max(1, round(_PASCAL_MIN_PIXELS * height * width / _PASCAL_AREA))
+
+
+class ClassIndexSource:
+    """Base for sources: subclasses implement ``__len__`` and ``load``; class sets are
+    derived from the masks (pixel counts cached per image).
+
+    ``min_pixels`` is the per-class pixel threshold of :meth:`classes_in`; ``None`` means
+    :func:`scaled_min_pixels` of ``image_size`` (or of each mask when ``image_size`` is None).
+    """
+
+    num_classes: int = 0
+    fold_scheme: str = "block"
+
+    def __init__(
+        self, min_pixels: int | None = None, image_size: tuple[int, int] | None = None
+    ) -> None:
+        self._min_pixels = min_pixels
+        self._image_size = image_size
+        self._counts: dict[int, tuple[np.ndarray, int]] = {}
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def _check_index(self, i: int) -> int:
+        i = int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(
+                f"image index {i} out of range for {type(self).__name__} of {len(self)}"
+            )
+        return i
+
+    def min_pixels_for(self, mask_shape: tuple[int, ...]) -> int:
+        if self._min_pixels is not None:
+            return int(self._min_pixels)
+        h, w = self._image_size if self._image_size is not None else mask_shape[:2]
+        return scaled_min_pixels(h, w)
+
+    def _stats(self, i: int) -> tuple[np.ndarray, int]:
+        """(pixel count per class 0..num_classes [C+1], min_pixels) of image i, cached."""
+        i = self._check_index(i)
+        stats = self._counts.get(i)
+        if stats is None:
+            _, mask = self.load(i)
+            counts = np.bincount(np.asarray(mask).ravel(), minlength=256)[: self.num_classes + 1]
+            stats = self._counts[i] = (counts, self.min_pixels_for(mask.shape))
+        return stats
+
+    def class_pixel_counts(self, i: int) -> np.ndarray:
+        """Pixel count per class index 0..num_classes of image i (ignore excluded). -> [C+1]."""
+        return self._stats(i)[0]
+
+    def classes_in(self, i: int) -> set[int]:
+        counts, thr = self._stats(i)
+        return {int(c) for c in np.flatnonzero(counts[1:] >= thr) + 1}
+
+    def labels_in(self, i: int) -> set[int]:
+        counts, _ = self._stats(i)
+        return {int(c) for c in np.flatnonzero(counts[1:] > 0) + 1}
+
+
+def novel_classes(
+    num_classes: int, fold: int, num_folds: int = 4, scheme: str = "block"
+) -> list[int]:
+    """Novel (test) classes of ``fold``, 1-based.
+
+    ``block`` (PASCAL-5i): fold i -> i*n+1 .. i*n+n with n = num_classes // num_folds.
+    ``interleaved`` (COCO-20i): fold i -> {num_folds*k + i + 1}.
+    """
+    if num_classes % num_folds:
+        raise ValueError(f"num_classes={num_classes} is not divisible by num_folds={num_folds}")
+    if not 0 <= fold < num_folds:
+        raise ValueError(f"fold must be in 0..{num_folds - 1}, got {fold}")
+    n = num_classes // num_folds
+    if scheme == "block":
+        return list(range(fold * n + 1, fold * n + n + 1))
+    if scheme == "interleaved":
+        return [num_folds * k + fold + 1 for k in range(n)]
+    raise ValueError(f"fold scheme must be 'block' or 'interleaved', got {scheme!r}")
+
+
+def base_classes(
+    num_classes: int, fold: int, num_folds: int = 4, scheme: str = "block"
+) -> list[int]:
+    """All classes 1..num_classes that are not novel in ``fold``."""
+    novel = set(novel_classes(num_classes, fold, num_folds, scheme))
+    return [c for c in range(1, num_classes + 1) if c not in novel]
+
+
+def _to_tensors(image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """[H, W, 3] image (uint8, or float in [0, 1]) + [H, W] mask -> [3, H, W] float, [H, W]."""
+    image = np.asarray(image)
+    img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    img = img.float().div_(255.0) if image.dtype == np.uint8 else img.float()
+    return img, torch.from_numpy(np.asarray(mask).astype(np.int64))
+
+
+class EpisodeDataset(Dataset):
+    """Few-shot episodes drawn from a :class:`SegmentationSource`.
+
+    Args:
+        source: class-index source.
+        fold, shot: fold index and number of support images K.
+        split: "train" samples the fold's base classes (and, with ``filter_novel``, drops
+            images with any novel-class pixel: BAM setting); "test" samples novel classes.
+        num_episodes: dataset length. ``__getitem__`` also accepts any index >= 0 (used by
+            :class:`~cgmgm.data.datamodule.EpisodeSampler` to draw fresh episodes per epoch).
+        seed: episode ``index`` uses ``np.random.SeedSequence([seed, fold, shot, index])``.
+        num_folds, fold_scheme: fold layout (``fold_scheme`` defaults to the source's
+            ``fold_scheme`` attribute, else "block").
+        classes: explicit class list, overriding the fold's base/novel classes.
+        transform: callable (image [H, W, 3], mask [H, W]) -> (image, mask), numpy, applied to
+            each image before binarisation. It must return equal sizes across an episode's
+            images for batching; if random, it draws from its own RNG.
+        filter_novel: BAM's training-image filter (ignored for split="test").
+        class_balanced: pick the class uniformly, then the query among its images; otherwise
+            pick a (query image, class) pair uniformly (PFENet/BAM style, class frequency
+            follows image frequency).
+
+    Episode dict: ``query_img`` [3, H, W] float in [0, 1]; ``query_mask`` [H, W] long in
+    {0, 1, 255}; ``support_imgs`` [K, 3, H, W]; ``support_masks`` [K, H, W] long;
+    ``class_id`` int (original 1-based class); ``class_idx`` int (position in
+    ``self.classes``); ``index`` int; ``query_source_idx`` int; ``support_source_idx``
+    long [K].
+    """
+
+    def __init__(
+        self,
+        source: SegmentationSource,
+        fold: int,
+        shot: int,
+        split: str = "train",
+        num_episodes: int = 1000,
+        seed: int = 0,
+        *,
+        num_folds: int = 4,
+        fold_scheme: str | None = None,
+        classes: Sequence[int] | None = None,
+        transform: Transform | None = None,
+        filter_novel: bool = True,
+        class_balanced: bool = True,
+    ) -> None:
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        if shot < 1:
+            raise ValueError(f"shot must be >= 1, got {shot}")
+        if num_episodes < 1:
+            raise ValueError(f"num_episodes must be >= 1, got {num_episodes}")
+        self.source = source
+        self.fold, self.shot, self.split = int(fold), int(shot), split
+        self.num_episodes, self.seed = int(num_episodes), int(seed)
+        self.transform = transform
+        self.class_balanced = bool(class_balanced)
+        scheme = fold_scheme or getattr(source, "fold_scheme", "block")
+        n_cls = int(source.num_classes)
+        self.novel = novel_classes(n_cls, self.fold, num_folds, scheme)
+        if classes is not None:
+            self.classes = sorted(int(c) for c in classes)
+        elif split == "train":
+            self.classes = base_classes(n_cls, self.fold, num_folds, scheme)
+        else:
+            self.classes = list(self.novel)
+
+        novel = set(self.novel)
+        drop_novel = split == "train" and filter_novel
+        per_class: dict[int, list[int]] = {c: [] for c in self.classes}
+        for i in range(len(source)):
+            if drop_novel and novel & source.labels_in(i):
+                continue
+            for c in source.classes_in(i):
+                if c in per_class:
+                    per_class[c].append(i)
+        short = {c: len(v) for c, v in per_class.items() if len(v) < self.shot + 1}
+        if short:
+            detail = ", ".join(f"class {c}: {n} image(s)" for c, n in sorted(short.items()))
+            raise ValueError(
+                f"{split} episodes with shot={self.shot} need >= {self.shot + 1} images per "
+                f"class (query + {self.shot} supports), but {detail} in "
+                f"{type(source).__name__} (fold {self.fold}). Fix: use more images (e.g. "
+                "the synthetic source's num_images), a smaller shot, a lower min_pixels, or "
+                "pass `classes=` without these classes."
+            )
+        self.class_images = {c: np.asarray(v, dtype=np.int64) for c, v in per_class.items()}
+        self._class_pos = {c: k for k, c in enumerate(self.classes)}
+        # (image, class) pairs for image-frequency sampling: [P, 2]
+        self._pairs = np.asarray(
+            [(i, c) for c in self.classes for i in self.class_images[c]], dtype=np.int64
+        ).reshape(-1, 2)
+
+    def __len__(self) -> int:
+        return self.num_episodes
+
+    def rng(self, index: int) -> np.random.Generator:
+        """The episode's private generator."""
+        return np.random.default_rng(
+            np.random.SeedSequence([self.seed, self.fold, self.shot, int(index)])
+        )
+
+    def sample(self, index: int) -> tuple[int, int, list[int]]:
+        """(class_id, query source index, support source indices) of episode ``index``."""
+        if int(index) < 0:
+            raise IndexError(f"episode index must be >= 0, got {index}")
+        rng = self.rng(index)
+        if self.class_balanced:
+            cls = self.classes[int(rng.integers(len(self.classes)))]
+            images = self.class_images[cls]
+            query = int(images[rng.integers(len(images))])
+        else:
+            query, cls = (int(x) for x in self._pairs[rng.integers(len(self._pairs))])
+            images = self.class_images[cls]
+        others = images[images != query]
+        support = rng.choice(others, size=self.shot, replace=False)
+        return cls, query, [int(s) for s in support]
+
+    def _load(self, i: int, cls: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = self.source.load(i)
+        if self.transform is not None:
+            image, mask = self.transform(image, mask)
+        img, m = _to_tensors(image, mask)
+        binary = (m == cls).long()
+        binary[m == IGNORE_INDEX] = IGNORE_INDEX
+        return img, binary  # [3, H, W], [H, W]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        cls, query, support = self.sample(index)
+        q_img, q_mask = self._load(query, cls)
+        s = [self._load(i, cls) for i in support]
+        return {
+            "query_img": q_img,  # [3, H, W]
+            "query_mask": q_mask,  # [H, W]
+            "support_imgs": torch.stack([x[0] for x in s]),  # [K, 3, H, W]
+            "support_masks": torch.stack([x[1] for x in s]),  # [K, H, W]
+            "class_id": cls,
+            "class_idx": self._class_pos[cls],
+            "index": int(index),
+            "query_source_idx": query,
+            "support_source_idx": torch.as_tensor(support, dtype=torch.long),  # [K]
+        }
