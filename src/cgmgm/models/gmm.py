@@ -82,27 +82,43 @@ def _check_inputs(x: Tensor, weight: Tensor, components: int, covariance: str) -
         raise ValueError(f"fit_gmm: covariance must be one of {COVARIANCES}, got {covariance!r}")
     if int(components) < 1:
         raise ValueError(f"fit_gmm: components must be >= 1, got {components}")
-    if not torch.isfinite(x.sum()):  # one cheap pass; any NaN or inf makes the sum non-finite
-        raise ValueError("fit_gmm: x contains NaN or inf")
     if not torch.isfinite(weight.sum()) or bool((weight < 0).any()):
         raise ValueError("fit_gmm: weight must be finite and >= 0")
     return weight.to(x.dtype)
 
 
-def _standardise(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _standardise(x: Tensor, weight: Tensor, moments: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Centre and scale each batch item by its weighted mean and RMS spread.
 
-    x [B, N, D], weight [B, C, N] -> (x' [B, N, D], centre [B, D], scale [B]).
+    x [B, N, D], weight [B, C, N] -> (z, centre [B, D], scale [B]) where z is the standardised
+    x' [B, N, D], or with ``moments`` the array [x', x'*x'] [B, N, 2D] that every diag E-step
+    and M-step reads as one thin matrix product (x'*x' is computed once per fit).
     """
     w = weight.sum(1)  # [B, N]: a point counts once even if it is in several classes
     total = w.sum(1, keepdim=True)  # [B, 1]
     w = torch.where(total > 0, w / total.clamp_min(1e-30), torch.full_like(w, 1.0 / w.shape[1]))
-    centre = torch.einsum("bn,bnd->bd", w, x)  # [B, D]
-    sq = torch.einsum("bn,bnd->bd", w, (x - centre[:, None]) ** 2).mean(1)  # [B]
+    centre = torch.bmm(w[:, None], x)[:, 0]  # [B, D]
+    if not bool(torch.isfinite(centre).all()):  # NaN/inf anywhere in x reaches the centre
+        raise ValueError("fit_gmm: x contains NaN or inf")
+    b, n, d = x.shape
     # A floor relative to the feature magnitude keeps constant (duplicated) data finite.
-    mag = centre.pow(2).mean(1) + 1.0
-    scale = (sq + 1e-10 * mag).sqrt()  # [B]
-    return (x - centre[:, None]) / scale[:, None, None], centre, scale
+    floor = 1e-10 * (centre.pow(2).mean(1) + 1.0)  # [B]
+    if x.requires_grad and torch.is_grad_enabled():
+        xc = x - centre[:, None]
+        scale = (torch.bmm(w[:, None], xc * xc)[:, 0].mean(1) + floor).sqrt()  # [B]
+        xs = xc / scale[:, None, None]
+        return (torch.cat([xs, xs * xs], -1) if moments else xs), centre, scale
+    # Without autograd: the same in five passes over the data, written in place.
+    z = x.new_empty(b, n, 2 * d if moments else d)
+    lo = z[..., :d]
+    torch.sub(x, centre[:, None], out=lo)
+    sq = z[..., d:] if moments else torch.empty_like(lo)
+    torch.mul(lo, lo, out=sq)
+    var = torch.bmm(w[:, None], sq)[:, 0].mean(1) + floor  # [B]
+    lo.mul_(var.rsqrt()[:, None, None])
+    if moments:
+        sq.div_(var[:, None, None])
+    return z, centre, var.sqrt()
 
 
 def _precision_chol_full(cov: Tensor, reg: float) -> tuple[Tensor, Tensor]:
@@ -122,11 +138,7 @@ def _precision_chol_full(cov: Tensor, reg: float) -> tuple[Tensor, Tensor]:
 
 
 def _moments(x: Tensor) -> Tensor:
-    """[x, x*x] concatenated: [B, N, D] -> [B, N, 2D].
-
-    Every diag E-step and M-step is then one thin matrix product against this array, so the
-    data is read twice per EM iteration and x*x is computed once per fit.
-    """
+    """[x, x*x] concatenated: [B, N, D] -> [B, N, 2D]."""
     return torch.cat([x, x * x], dim=-1)
 
 
@@ -164,7 +176,8 @@ def _e_step(z: Tensor, weight: Tensor, gm: GaussianMixture, full: bool) -> Tenso
     logp = logp + gm.log_weights[:, None]
     # Softmax over the M components of each class, written out: torch.softmax is slow on a
     # last dimension of 1-6 entries.
-    resp = (logp - logp.amax(-1, keepdim=True)).exp_()
+    # The clamp keeps exp() out of float32's denormal range (slow on CPUs); exp(-80) ~ 2e-35.
+    resp = (logp - logp.amax(-1, keepdim=True)).clamp_min_(-80.0).exp_()
     resp = resp * (weight.transpose(1, 2)[..., None] / resp.sum(-1, keepdim=True))
     return resp
 
@@ -306,16 +319,12 @@ def fit_gmm(
     m = int(components)
     if iters < 0:
         raise ValueError(f"fit_gmm: iters must be >= 0, got {iters}")
-    xs, centre, scale = _standardise(x, weight)
-
-    def data(v: Tensor) -> Tensor:
-        return v if full else _moments(v)
+    z, centre, scale = _standardise(x, weight, moments=not full)
 
     with torch.no_grad():
-        xd, wd = xs.detach(), weight.detach()
-        zd = data(xd)
+        zd, wd = z.detach(), weight.detach()
         if init is None:
-            gm = _m_step(zd, _initial_assignment(xd, wd, m), reg_covar, full)
+            gm = _m_step(zd, _initial_assignment(zd[..., : x.shape[-1]], wd, m), reg_covar, full)
         else:
             if single:
                 init = GaussianMixture(*(t.unsqueeze(1) for t in init[:4]), init.valid.unsqueeze(1))
@@ -330,7 +339,6 @@ def fit_gmm(
             gm = _m_step(zd, _e_step(zd, wd, gm, full), reg_covar, full)
 
     if iters > 0:
-        z = data(xs) if xs.requires_grad else zd
         gm = _m_step(z, _e_step(z, weight, gm, full), reg_covar, full)
     gm = _placeholder(_from_standard(gm, centre, scale))
     if single:
