@@ -235,32 +235,18 @@ def _initial_assignment(x: Tensor, weight: Tensor, m: int, power_iters: int = 8)
     return (onehot * weight[..., None]).transpose(1, 2)  # [B, N, C, M]
 
 
-def _to_standard(gm: GaussianMixture, centre: Tensor, scale: Tensor) -> GaussianMixture:
-    """Express user-given parameters (original units) in the standardised units."""
-    s = scale.view(-1, *([1] * (gm.means.dim() - 1)))  # broadcast over [C, M, D]
-    means = (gm.means - centre.view(centre.shape[0], *([1] * (gm.means.dim() - 2)), -1)) / s
-    if gm.covariance_type == "full":
-        return gm._replace(
-            means=means,
-            covariances=gm.covariances / s[..., None] ** 2,
-            precision_chol=gm.precision_chol * s[..., None],
-        )
-    return gm._replace(
-        means=means, covariances=gm.covariances / s**2, precision_chol=gm.precision_chol * s
-    )
+def _affine(gm: GaussianMixture, centre: Tensor, scale: Tensor, inverse: bool) -> GaussianMixture:
+    """theta of x' = (x - centre) / scale from theta of x, or back with ``inverse``.
 
-
-def _from_standard(gm: GaussianMixture, centre: Tensor, scale: Tensor) -> GaussianMixture:
-    s = scale.view(-1, *([1] * (gm.means.dim() - 1)))
-    means = gm.means * s + centre.view(centre.shape[0], *([1] * (gm.means.dim() - 2)), -1)
+    centre [B, D], scale [B]; theta has leading dims [B, C].
+    """
+    s = scale.view(-1, 1, 1, 1)  # over [C, M, D]
+    c = centre.view(centre.shape[0], 1, 1, -1)
+    means, f = (gm.means * s + c, s) if inverse else ((gm.means - c) / s, 1.0 / s)
     if gm.covariance_type == "full":
-        return gm._replace(
-            means=means,
-            covariances=gm.covariances * s[..., None] ** 2,
-            precision_chol=gm.precision_chol / s[..., None],
-        )
+        f = f[..., None]
     return gm._replace(
-        means=means, covariances=gm.covariances * s**2, precision_chol=gm.precision_chol / s
+        means=means, covariances=gm.covariances * f**2, precision_chol=gm.precision_chol / f
     )
 
 
@@ -328,7 +314,7 @@ def fit_gmm(
         else:
             if single:
                 init = GaussianMixture(*(t.unsqueeze(1) for t in init[:4]), init.valid.unsqueeze(1))
-            gm = _to_standard(init, centre.detach(), scale.detach())
+            gm = _affine(init, centre.detach(), scale.detach(), inverse=False)
             if gm.log_weights.shape != (x.shape[0], weight.shape[1], m):
                 raise ValueError(
                     f"fit_gmm: init has log_weights {tuple(gm.log_weights.shape)}, "
@@ -340,7 +326,7 @@ def fit_gmm(
 
     if iters > 0:
         gm = _m_step(z, _e_step(z, weight, gm, full), reg_covar, full)
-    gm = _placeholder(_from_standard(gm, centre, scale))
+    gm = _placeholder(_affine(gm, centre, scale, inverse=True))
     if single:
         gm = GaussianMixture(*(t.squeeze(1) for t in gm))
     return gm
