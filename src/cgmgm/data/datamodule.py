@@ -8,7 +8,7 @@ padding duplicates, so summed metric states are exact.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -16,7 +16,12 @@ import numpy as np
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from cgmgm.data.episodes import EpisodeDataset, SegmentationSource, Transform, novel_classes
+from cgmgm.data.episodes import (
+    EpisodeDataset,
+    SegmentationSource,
+    Transform,
+    source_novel_classes,
+)
 from cgmgm.data.synthetic import SyntheticShapes
 
 __all__ = [
@@ -130,6 +135,12 @@ class EpisodicDataModule(L.LightningDataModule):
         filter_novel, class_balanced: see :class:`EpisodeDataset`.
         resample_train: new training episodes every epoch (see :class:`EpisodeSampler`).
         train_transform, eval_transform: per-image numpy transforms.
+        classes: val/test classes instead of the fold's novel classes: a list of class ids,
+            or "all" for every class of the evaluation source (e.g. FSS-1000, CamVid).
+        train_classes: training classes instead of the fold's base classes (list or "all").
+        original_size: val/test episodes also carry the query label at original size,
+            255-padded to this square (``query_mask_orig``, ``query_orig_size``; see
+            :class:`EpisodeDataset`), for scoring at original size (BAM/PFENet protocols).
 
     Validation and test both sample the fold's novel classes from ``eval_split`` (BAM).
     """
@@ -157,6 +168,9 @@ class EpisodicDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         train_transform: Transform | None = None,
         eval_transform: Transform | None = None,
+        classes: Sequence[int] | str | None = None,
+        train_classes: Sequence[int] | str | None = None,
+        original_size: int | None = None,
     ) -> None:
         super().__init__()
         self.dataset = dataset
@@ -175,6 +189,9 @@ class EpisodicDataModule(L.LightningDataModule):
         self.resample_train = bool(resample_train)
         self.pin_memory = bool(pin_memory)
         self.train_transform, self.eval_transform = train_transform, eval_transform
+        self.eval_classes = _plain(classes)
+        self.train_classes = _plain(train_classes)
+        self.original_size = None if original_size is None else int(original_size)
         self._sources: dict[str, SegmentationSource] = {}
         self.train_set: EpisodeDataset | None = None
         self.val_set: EpisodeDataset | None = None
@@ -189,10 +206,22 @@ class EpisodicDataModule(L.LightningDataModule):
                 self._sources[split] = build_source(self.dataset, split, **self.dataset_kwargs)
         return self._sources[split]
 
+    def _resolve_classes(self, spec: Any, src: SegmentationSource) -> list[int] | None:
+        """None -> None (the fold's classes); "all" -> 1..num_classes; else the given ids."""
+        if spec is None:
+            return None
+        if isinstance(spec, str):
+            if spec != "all":
+                raise ValueError(f"classes must be None, 'all' or a list of ids, got {spec!r}")
+            return list(range(1, int(src.num_classes) + 1))
+        return [int(c) for c in spec]
+
     def _episodes(self, split: str, n: int, seed: int, transform: Any) -> EpisodeDataset:
         image_split = self.train_split if split == "train" else self.eval_split
+        src = self.source(image_split)
+        spec = self.train_classes if split == "train" else self.eval_classes
         return EpisodeDataset(
-            self.source(image_split),
+            src,
             self.fold,
             self.shot,
             split=split,
@@ -202,6 +231,8 @@ class EpisodicDataModule(L.LightningDataModule):
             transform=transform,
             filter_novel=self.filter_novel,
             class_balanced=self.class_balanced,
+            classes=self._resolve_classes(spec, src),
+            original_size=None if split == "train" else self.original_size,
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -218,13 +249,16 @@ class EpisodicDataModule(L.LightningDataModule):
 
     @property
     def classes(self) -> list[int]:
-        """The fold's novel classes (the order of ``class_idx`` in val/test batches)."""
+        """The evaluated classes (the order of ``class_idx`` in val/test batches): the fold's
+        novel classes, or ``classes`` when given."""
         ds = self.test_set or self.val_set
         if ds is not None:
             return list(ds.classes)
         src = self.source(self.eval_split)
-        scheme = getattr(src, "fold_scheme", "block")
-        return novel_classes(src.num_classes, self.fold, self.num_folds, scheme)
+        explicit = self._resolve_classes(self.eval_classes, src)
+        if explicit is not None:
+            return sorted(set(explicit))
+        return source_novel_classes(src, self.fold, self.num_folds)
 
     def _world(self) -> tuple[int, int]:
         """(num_replicas, rank) of the current run."""

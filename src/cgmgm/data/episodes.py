@@ -25,6 +25,7 @@ __all__ = [
     "base_classes",
     "novel_classes",
     "scaled_min_pixels",
+    "source_novel_classes",
 ]
 
 IGNORE_INDEX = 255
@@ -84,6 +85,13 @@ class ClassIndexSource:
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
+    def load_mask(self, i: int) -> np.ndarray:
+        """Class-index mask uint8 [H, W] of image i (the pixel statistics read only this).
+
+        Default: ``load(i)[1]``; file-backed sources override it to skip decoding the image.
+        """
+        return self.load(i)[1]
+
     def _check_index(self, i: int) -> int:
         i = int(i)
         if not 0 <= i < len(self):
@@ -103,7 +111,7 @@ class ClassIndexSource:
         i = self._check_index(i)
         stats = self._counts.get(i)
         if stats is None:
-            _, mask = self.load(i)
+            mask = self.load_mask(i)
             counts = np.bincount(np.asarray(mask).ravel(), minlength=256)[: self.num_classes + 1]
             stats = self._counts[i] = (counts, self.min_pixels_for(mask.shape))
         return stats
@@ -141,6 +149,27 @@ def novel_classes(
     raise ValueError(f"fold scheme must be 'block' or 'interleaved', got {scheme!r}")
 
 
+def source_novel_classes(
+    source: Any, fold: int, num_folds: int = 4, scheme: str | None = None
+) -> list[int]:
+    """Novel classes of ``fold`` for ``source``.
+
+    A source with a ``folds`` attribute (list of class-id lists; e.g. user folds, or one fold
+    holding every class) defines its folds itself, unless ``scheme`` is given explicitly;
+    otherwise :func:`novel_classes` with ``scheme`` (default: the source's ``fold_scheme``).
+    """
+    folds = getattr(source, "folds", None)
+    if scheme is None and folds is not None:
+        if not 0 <= int(fold) < len(folds):
+            raise ValueError(
+                f"fold must be in 0..{len(folds) - 1} for {type(source).__name__} "
+                f"({len(folds)} fold(s) defined by the source), got {fold}"
+            )
+        return sorted(int(c) for c in folds[int(fold)])
+    scheme = scheme or getattr(source, "fold_scheme", "block")
+    return novel_classes(int(source.num_classes), int(fold), num_folds, scheme)
+
+
 def base_classes(
     num_classes: int, fold: int, num_folds: int = 4, scheme: str = "block"
 ) -> list[int]:
@@ -169,8 +198,12 @@ class EpisodeDataset(Dataset):
             :class:`~cgmgm.data.datamodule.EpisodeSampler` to draw fresh episodes per epoch).
         seed: episode ``index`` uses ``np.random.SeedSequence([seed, fold, shot, index])``.
         num_folds, fold_scheme: fold layout (``fold_scheme`` defaults to the source's
-            ``fold_scheme`` attribute, else "block").
-        classes: explicit class list, overriding the fold's base/novel classes.
+            ``fold_scheme`` attribute, else "block"; a source with a ``folds`` attribute
+            defines its folds itself, see :func:`source_novel_classes`).
+        classes: explicit class list, overriding the fold's base/novel classes (e.g. every
+            class of a dataset, ``range(1, source.num_classes + 1)``). With split="train"
+            and ``filter_novel``, images holding a fold-novel class that is not in
+            ``classes`` are still dropped.
         transform: callable (image [H, W, 3], mask [H, W]) -> (image, mask), numpy, applied to
             each image before binarisation. It must return equal sizes across an episode's
             images for batching; if random, it draws from its own RNG.
@@ -178,12 +211,16 @@ class EpisodeDataset(Dataset):
         class_balanced: pick the class uniformly, then the query among its images; otherwise
             pick a (query image, class) pair uniformly (PFENet/BAM style, class frequency
             follows image frequency).
+        original_size: if set to S, episodes also hold the query's binarised label *before*
+            ``transform`` (for scoring at original size, BAM/PFENet ``ori_resize``):
+            ``query_mask_orig`` [S, S] long, the [H, W] label in the top-left corner and 255
+            elsewhere, and ``query_orig_size`` long [2] = (H, W). H or W > S is an error.
 
     Episode dict: ``query_img`` [3, H, W] float in [0, 1]; ``query_mask`` [H, W] long in
     {0, 1, 255}; ``support_imgs`` [K, 3, H, W]; ``support_masks`` [K, H, W] long;
     ``class_id`` int (original 1-based class); ``class_idx`` int (position in
     ``self.classes``); ``index`` int; ``query_source_idx`` int; ``support_source_idx``
-    long [K].
+    long [K]; with ``original_size``, ``query_mask_orig`` [S, S] and ``query_orig_size`` [2].
     """
 
     def __init__(
@@ -201,6 +238,7 @@ class EpisodeDataset(Dataset):
         transform: Transform | None = None,
         filter_novel: bool = True,
         class_balanced: bool = True,
+        original_size: int | None = None,
     ) -> None:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -213,17 +251,25 @@ class EpisodeDataset(Dataset):
         self.num_episodes, self.seed = int(num_episodes), int(seed)
         self.transform = transform
         self.class_balanced = bool(class_balanced)
-        scheme = fold_scheme or getattr(source, "fold_scheme", "block")
+        self.original_size = None if original_size is None else int(original_size)
         n_cls = int(source.num_classes)
-        self.novel = novel_classes(n_cls, self.fold, num_folds, scheme)
+        self.novel = source_novel_classes(source, self.fold, num_folds, fold_scheme)
         if classes is not None:
-            self.classes = sorted(int(c) for c in classes)
+            self.classes = sorted({int(c) for c in classes})
+            bad = [c for c in self.classes if not 1 <= c <= n_cls]
+            if bad:
+                raise ValueError(f"classes {bad} are outside 1..{n_cls} of {type(source).__name__}")
         elif split == "train":
-            self.classes = base_classes(n_cls, self.fold, num_folds, scheme)
+            self.classes = [c for c in range(1, n_cls + 1) if c not in set(self.novel)]
         else:
             self.classes = list(self.novel)
+        if not self.classes:
+            raise ValueError(
+                f"no {split} classes to sample in {type(source).__name__} (fold {self.fold}, "
+                f"novel {self.novel}); pass `classes=` explicitly (e.g. every class)"
+            )
 
-        novel = set(self.novel)
+        novel = set(self.novel) - set(self.classes)
         drop_novel = split == "train" and filter_novel
         per_class: dict[int, list[int]] = {c: [] for c in self.classes}
         for i in range(len(source)):
@@ -274,19 +320,35 @@ class EpisodeDataset(Dataset):
         support = rng.choice(others, size=self.shot, replace=False)
         return cls, query, [int(s) for s in support]
 
-    def _load(self, i: int, cls: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _load(
+        self, i: int, cls: int, keep_original: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
         image, mask = self.source.load(i)
+        original = np.asarray(mask) if keep_original else None
         if self.transform is not None:
             image, mask = self.transform(image, mask)
         img, m = _to_tensors(image, mask)
-        binary = (m == cls).long()
-        binary[m == IGNORE_INDEX] = IGNORE_INDEX
-        return img, binary  # [3, H, W], [H, W]
+        return img, _binarize(m, cls), original  # [3, H, W], [H, W], [H0, W0] or None
+
+    def _original_label(self, mask: np.ndarray, cls: int, i: int) -> dict[str, torch.Tensor]:
+        """``query_mask_orig`` [S, S] (255-padded binarised label) and ``query_orig_size`` [2]."""
+        s = int(self.original_size)
+        h, w = mask.shape[:2]
+        if h > s or w > s:
+            raise ValueError(
+                f"image {i} of {type(self.source).__name__} has a {h}x{w} label, larger than "
+                f"original_size={s}; raise original_size to at least {max(h, w)}"
+            )
+        canvas = torch.full((s, s), IGNORE_INDEX, dtype=torch.long)
+        canvas[:h, :w] = _binarize(torch.from_numpy(mask.astype(np.int64)), cls)
+        return {"query_mask_orig": canvas, "query_orig_size": torch.tensor([h, w])}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         cls, query, support = self.sample(index)
-        q_img, q_mask = self._load(query, cls)
+        keep = self.original_size is not None
+        q_img, q_mask, q_orig = self._load(query, cls, keep_original=keep)
         s = [self._load(i, cls) for i in support]
+        extra = self._original_label(q_orig, cls, query) if keep else {}
         return {
             "query_img": q_img,  # [3, H, W]
             "query_mask": q_mask,  # [H, W]
@@ -297,4 +359,12 @@ class EpisodeDataset(Dataset):
             "index": int(index),
             "query_source_idx": query,
             "support_source_idx": torch.as_tensor(support, dtype=torch.long),  # [K]
+            **extra,
         }
+
+
+def _binarize(m: torch.Tensor, cls: int) -> torch.Tensor:
+    """Class-index mask [H, W] -> long {0, 1, 255}: 1 where == cls, 255 where ignore."""
+    binary = (m == cls).long()
+    binary[m == IGNORE_INDEX] = IGNORE_INDEX
+    return binary
