@@ -1,0 +1,127 @@
+"""Glue between the Hydra configs in ``conf/`` and the Lightning objects (no nn.Module here).
+
+``config_dir()`` finds the configs both in a source checkout / editable install (the
+repository's top-level ``conf/``) and in an installed wheel (``cgmgm/conf``, force-included by
+pyproject.toml), so ``python -m cgmgm.train`` composes from any working directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import cgmgm
+
+__all__ = [
+    "config_dir",
+    "format_table",
+    "instantiate_callbacks",
+    "instantiate_loggers",
+    "to_plain",
+    "write_metrics",
+]
+
+
+def config_dir() -> Path:
+    """Absolute path of the config directory: ``<package>/conf`` when installed from a wheel,
+    else the repository's top-level ``conf/`` (source checkout, editable install)."""
+    package = Path(cgmgm.__file__).resolve().parent
+    for candidate in (package / "conf", package.parents[1] / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"cgmgm configs not found in {package / 'conf'} (installed wheel) or "
+        f"{package.parents[1] / 'conf'} (source checkout); reinstall the package"
+    )
+
+
+def to_plain(cfg: Any) -> Any:
+    """A resolved OmegaConf node -> plain dicts/lists/scalars (anything else passes through)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig | ListConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def _instantiate_named(cfg: Mapping[str, Any] | None, kind: str) -> list[Any]:
+    """Instantiate every non-null ``_target_`` node of a ``{name: node}`` mapping, in order."""
+    from hydra.utils import instantiate
+
+    out = []
+    for name, node in (cfg or {}).items():
+        if node is None:
+            continue
+        if "_target_" not in node:
+            raise ValueError(f"{kind} {name!r} has no _target_: {node}")
+        out.append(instantiate(node))
+    return out
+
+
+def instantiate_loggers(cfg: Mapping[str, Any] | None) -> list[Any]:
+    """Loggers of the ``logger`` group (a ``{name: node}`` mapping; empty for ``logger=none``)."""
+    return _instantiate_named(cfg, "logger")
+
+
+def instantiate_callbacks(cfg: Mapping[str, Any] | None) -> list[Any]:
+    """Callbacks of the ``callbacks`` group (``{name: node}``; null entries are dropped)."""
+    return _instantiate_named(cfg, "callback")
+
+
+def write_metrics(path: str | Path, metrics: Mapping[str, Any]) -> Path:
+    """Write ``metrics`` as JSON (NaN as null); returns the path."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, Mapping):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [clean(x) for x in v]
+        return v
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(clean(dict(metrics)), indent=2) + "\n")
+    return path
+
+
+def format_table(
+    metrics: Mapping[str, Any],
+    class_ids: Sequence[int],
+    class_names: Sequence[str] | None = None,
+    prefix: str = "test/",
+    std_suffix: str | None = None,
+) -> str:
+    """Per-class IoU, then mIoU, FB-IoU and GmIoU (percent) as a small text table.
+
+    ``class_names[c]`` names class id ``c`` (index 0 = background). With ``std_suffix``
+    (e.g. ``"_std"``), each value is shown as ``mean ± std``.
+    """
+
+    def cell(key: str) -> str:
+        v = metrics.get(key)
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "-"
+        s = f"{v:6.2f}"
+        if std_suffix is not None and metrics.get(key + std_suffix) is not None:
+            s += f" ± {metrics[key + std_suffix]:5.2f}"
+        return s
+
+    rows = []
+    for cid in class_ids:
+        name = class_names[cid] if class_names is not None and cid < len(class_names) else ""
+        rows.append((f"class {cid:>3} {name}".rstrip(), cell(f"{prefix}IoU/class_{cid}")))
+    rows.append(("mIoU", cell(f"{prefix}mIoU")))
+    rows.append(("FB-IoU", cell(f"{prefix}FB-IoU")))
+    rows.append(("GmIoU", cell(f"{prefix}GmIoU")))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'':{width}}  IoU (%)", "-" * (width + 2 + max(len(r[1]) for r in rows))]
+    for i, (name, value) in enumerate(rows):
+        if i == len(class_ids):
+            lines.append("-" * len(lines[1]))
+        lines.append(f"{name:{width}}  {value}")
+    return "\n".join(lines)

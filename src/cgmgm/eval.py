@@ -1,0 +1,163 @@
+"""Test CGMGM on a fold's novel classes for several episode seeds; report mean and std.
+
+    python -m cgmgm.eval ckpt_path=outputs/train/<run>/checkpoints/last.ckpt
+    python -m cgmgm.eval model=training_free fold=1          # no checkpoint needed
+    python -m cgmgm.eval ckpt_path=... eval.seeds=[0,1,2] shot=5
+
+With ``ckpt_path``, the model and backbone configs come from the checkpoint's
+hyper-parameters, and ``fold`` / ``shot`` default to the checkpoint's. The checkpoint is read
+with ``torch.load(..., weights_only=True)``. ``metrics.json`` in the Hydra output dir holds
+``test/<metric>`` (mean over seeds), ``test/<metric>_std`` (sample standard deviation, 0 for
+one seed) and ``seed<S>/test/<metric>`` per seed, in percent.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+
+from cgmgm.config import (
+    config_dir,
+    format_table,
+    instantiate_callbacks,
+    instantiate_loggers,
+    to_plain,
+    write_metrics,
+)
+from cgmgm.lit import LitCGMGM, class_names_of
+from cgmgm.loggers import finish_loggers
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint loaded with ``weights_only=True`` (plain types and tensors)."""
+    return torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
+
+
+def _resolve_fold_shot(cfg: DictConfig, meta: dict[str, Any]) -> None:
+    """Fill ``cfg.fold`` / ``cfg.shot`` from the checkpoint's run info when null."""
+    with open_dict(cfg):
+        for key, default in (("fold", 0), ("shot", 1)):
+            if cfg[key] is None:
+                cfg[key] = int(meta.get(key, default))
+    if "fold" in meta and int(cfg.fold) != int(meta["fold"]):
+        warnings.warn(
+            f"testing fold {cfg.fold} with a checkpoint trained on fold {meta['fold']}: "
+            "its novel classes were not held out",
+            stacklevel=2,
+        )
+
+
+def build_module(cfg: DictConfig, class_ids: list[int], class_names: list[str] | None):
+    """The module to test: from ``cfg.ckpt_path``, or the training-free model from ``cfg``."""
+    if cfg.ckpt_path:
+        ckpt = load_checkpoint(cfg.ckpt_path)
+        hp = dict(ckpt["hyper_parameters"])
+        backbone = {**hp["backbone"], "weights": None}  # the checkpoint holds the weights
+        module = LitCGMGM(
+            **{**hp, "backbone": backbone, "class_ids": class_ids, "class_names": class_names}
+        )
+        module.load_state_dict(ckpt["state_dict"])
+        return module
+    return LitCGMGM(
+        model=to_plain(cfg.model),
+        backbone=to_plain(cfg.backbone),
+        class_ids=class_ids,
+        class_names=class_names,
+        seed=int(cfg.seed),
+    )
+
+
+def aggregate(per_seed: dict[int, dict[str, float]]) -> dict[str, Any]:
+    """Mean, sample std and per-seed copies of every metric key."""
+    out: dict[str, Any] = {}
+    keys = list(dict.fromkeys(k for results in per_seed.values() for k in results))
+    for key in keys:
+        values = np.array([r.get(key, np.nan) for r in per_seed.values()], dtype=float)
+        values = values[~np.isnan(values)]
+        out[key] = float(values.mean()) if values.size else float("nan")
+        out[f"{key}_std"] = float(values.std(ddof=1)) if values.size > 1 else 0.0
+    for seed, results in per_seed.items():
+        out.update({f"seed{seed}/{k}": v for k, v in results.items()})
+    return out
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Test once per ``cfg.eval.seeds``, print the table, write metrics.json; return it."""
+    start = time.perf_counter()
+    meta: dict[str, Any] = {}
+    if cfg.ckpt_path:
+        meta = dict(load_checkpoint(cfg.ckpt_path)["hyper_parameters"].get("meta") or {})
+    elif not cfg.model.training_free:
+        raise ValueError(
+            "nothing to evaluate: pass ckpt_path=<checkpoint> (from cgmgm.train), or "
+            "model=training_free for the model without trained parameters"
+        )
+    _resolve_fold_shot(cfg, meta)
+    seeds = [int(s) for s in cfg.eval.seeds]
+    if not seeds:
+        raise ValueError("eval.seeds is empty")
+    out_dir = Path(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = instantiate(cfg.dataset, test_seed=seeds[0])
+    module = build_module(cfg, datamodule.classes, class_names_of(datamodule))
+    model_cfg = module.hparams.model
+    loggers = instantiate_loggers(cfg.get("logger"))
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    failed = True
+    try:
+        per_seed = {}
+        for seed in seeds:
+            dm = datamodule if seed == seeds[0] else instantiate(cfg.dataset, test_seed=seed)
+            results = trainer.test(module, datamodule=dm, verbose=False)[0]
+            per_seed[seed] = {k: float(v) for k, v in results.items() if "IoU" in k}
+        metrics = aggregate(per_seed)
+        metrics.update(
+            {
+                "dataset": str(cfg.dataset.get("dataset", "")),
+                "fold": int(cfg.fold),
+                "shot": int(cfg.shot),
+                "seeds": seeds,
+                "backbone": str(module.hparams.backbone["name"]),
+                "guidance": model_cfg.get("guidance", "gmm"),
+                "components": (model_cfg.get("gmm") or {}).get("components"),
+                "covariance": (model_cfg.get("gmm") or {}).get("covariance"),
+                "training_free": bool(model_cfg.get("training_free", False)),
+                "ckpt_path": str(cfg.ckpt_path) if cfg.ckpt_path else None,
+                "wall_time_s": round(time.perf_counter() - start, 1),
+            }
+        )
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(
+                    {k: v for k, v in metrics.items() if isinstance(v, float)}, step=0
+                )
+                logger.save()
+            write_metrics(out_dir / "metrics.json", metrics)
+            table = format_table(metrics, module.class_ids, module.class_names, std_suffix="_std")
+            print(f"\n{len(seeds)} seed(s) {seeds}: mean ± std\n{table}")
+            print(f"metrics: {out_dir / 'metrics.json'}")
+        failed = False
+    finally:
+        finish_loggers(failed)
+    return metrics
+
+
+@hydra.main(config_path=str(config_dir()), config_name="eval", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    """Hydra entry point; returns the mean test mIoU."""
+    return float(evaluate(cfg)["test/mIoU"])
+
+
+if __name__ == "__main__":
+    main()

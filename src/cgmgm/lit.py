@@ -1,0 +1,267 @@
+"""LightningModule around :class:`~cgmgm.models.cgmgm.CGMGM`: loss, optimiser, metrics.
+
+- Loss: cross-entropy of the 2-class ``logits`` against ``query_mask``, ignoring 255.
+- Optimiser (BAM): SGD, momentum 0.9, weight decay 1e-4, base lr 0.005 with a 10x multiplier
+  on the new layers (every trainable parameter here: projection and decoder), poly decay
+  ``(1 - step / total) ** 0.9`` stepped every iteration, total = the trainer's estimated
+  stepping batches; ``schedule="cosine"`` is the paper's cosine decay (Sec. 4.1) instead.
+  The backbone is frozen and stays in eval mode (checked every epoch).
+- Metrics (val and test): :class:`~cgmgm.metrics.FSSIoU` of the prediction (argmax of the
+  logits) and of the guidance map binarised at 0.5 (GmIoU, paper Table 1), logged in percent
+  as ``{stage}/mIoU``, ``{stage}/FB-IoU``, ``{stage}/GmIoU``, ``{stage}/IoU/class_<id>``.
+  Scored against ``query_mask``, or at the original label size when episodes carry
+  ``query_mask_orig`` (BAM/PFENet protocols, :mod:`cgmgm.data.protocols`).
+- Training randomness (decoder dropout) is a pure function of (seed, epoch, batch, rank), so
+  resuming from a checkpoint reproduces an uninterrupted run.
+
+Hyper-parameters are plain dicts/lists/scalars, so checkpoints load with
+``torch.load(path, weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cgmgm.data.protocols import original_size_prediction
+from cgmgm.metrics import FSSIoU, binarize, flatten_results
+from cgmgm.models.backbone import build_backbone
+from cgmgm.models.cgmgm import CGMGM
+
+IGNORE_INDEX = 255
+_PLAIN = (str, int, float, bool, type(None))
+# Map outputs passed on to callbacks (figures), at feature resolution [B, 1, h, w].
+MAP_KEYS = ("guidance", "cosine_prior", "posterior", "initial_mask")
+# BAM's optimiser: base lr 0.005, 10x on new layers (effective 0.05, the paper's lr).
+OPTIM_DEFAULTS = {
+    "lr": 0.005,
+    "new_layer_lr_mult": 10.0,
+    "momentum": 0.9,
+    "weight_decay": 1e-4,
+    "schedule": "poly",
+    "poly_power": 0.9,
+}
+
+
+def _check_plain(value: Any, name: str) -> None:
+    """Raise TypeError unless ``value`` is built from dict/list/tuple and scalars only."""
+    if isinstance(value, Mapping):
+        if type(value) is not dict:
+            raise TypeError(f"{name} must be a plain dict, got {type(value).__name__}")
+        for k, v in value.items():
+            _check_plain(v, f"{name}.{k}")
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{name}[{i}]")
+    elif not isinstance(value, _PLAIN):
+        raise TypeError(f"{name} must be a plain value, got {type(value).__name__}")
+
+
+def _resize(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resize of [B, C, h, w] to ``size`` (no-op when equal), as the model's own."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+
+
+def build_model(model: Mapping[str, Any], backbone: Mapping[str, Any]) -> CGMGM:
+    """CGMGM from the ``model`` and ``backbone`` config groups (see conf/model/cgmgm.yaml)."""
+    gmm = dict(model.get("gmm") or {})
+    return CGMGM(
+        build_backbone(backbone["name"], backbone.get("weights", "imagenet")),
+        guidance=model.get("guidance", "gmm"),
+        img=model.get("img", True),
+        imr=model.get("imr", True),
+        components=gmm.get("components", 3),
+        covariance=gmm.get("covariance", "diag"),
+        em_iters=gmm.get("iters", 10),
+        gmm_grad=gmm.get("grad", True),
+        reg_covar=gmm.get("reg_covar", 1e-6),
+        threshold=model.get("threshold", 0.5),
+        proj_dim=model.get("proj_dim", 256),
+        training_free=model.get("training_free", False),
+    )
+
+
+class LitCGMGM(L.LightningModule):
+    """Train / validate / test CGMGM on episodic batches.
+
+    Args:
+        model: the ``model`` config (guidance, img, imr, threshold, proj_dim, training_free,
+            gmm: {components, covariance, iters, grad, reg_covar}).
+        backbone: the ``backbone`` config ({name, weights}).
+        class_ids: the evaluated (novel) class ids, in the order of ``batch["class_idx"]``.
+        optim: {lr, new_layer_lr_mult, momentum, weight_decay, schedule, poly_power}
+            (missing keys: ``OPTIM_DEFAULTS``).
+        class_names: names indexed by class id (0 = background), for tables and figures.
+        seed: seed of the training randomness (dropout).
+        meta: free plain-typed run information stored in the checkpoint (fold, shot, ...).
+        original_resize: how test-size outputs map back to the original label when batches
+            carry ``query_mask_orig`` ("pad": BAM/PFENet, "squash"; see
+            :func:`cgmgm.data.protocols.restore_original`).
+    """
+
+    def __init__(
+        self,
+        model: dict,
+        backbone: dict,
+        class_ids: list[int],
+        optim: dict | None = None,
+        class_names: list[str] | None = None,
+        seed: int = 0,
+        meta: dict | None = None,
+        original_resize: str = "pad",
+    ) -> None:
+        super().__init__()
+        for name, value in (("model", model), ("backbone", backbone), ("optim", optim)):
+            _check_plain(value, name)
+        _check_plain(list(class_ids), "class_ids")
+        _check_plain(class_names, "class_names")
+        _check_plain(meta, "meta")
+        self.save_hyperparameters()
+        self.model = build_model(model, backbone)
+        self.class_ids = [int(c) for c in class_ids]
+        self.class_names = class_names
+        n = len(self.class_ids)
+        self.val_iou, self.val_gm = FSSIoU(n), FSSIoU(n)
+        self.test_iou, self.test_gm = FSSIoU(n), FSSIoU(n)
+
+    @property
+    def training_free(self) -> bool:
+        return bool(self.model.training_free)
+
+    def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Episode batch -> CGMGM outputs (``logits`` [B, 2, H, W], maps [B, 1, h, w])."""
+        return self.model(batch["query_img"], batch["support_imgs"], batch["support_masks"])
+
+    @staticmethod
+    def loss(logits: Tensor, target: Tensor) -> Tensor:
+        """Cross-entropy of logits [B, 2, H, W] against target [B, H, W] (255 ignored)."""
+        return F.cross_entropy(
+            _resize(logits, tuple(target.shape[-2:])), target, ignore_index=IGNORE_INDEX
+        )
+
+    # ------------------------------------------------------------------ training
+
+    def _check_backbone_frozen(self) -> None:
+        bb = self.model.backbone
+        if bb.training or any(p.requires_grad for p in bb.parameters()):
+            raise RuntimeError("the backbone must stay frozen and in eval mode")
+
+    def on_train_start(self) -> None:
+        if self.training_free:
+            raise RuntimeError(
+                "the training-free model has no parameters to train; evaluate it with "
+                "`python -m cgmgm.eval model=training_free`"
+            )
+
+    def on_train_epoch_start(self) -> None:
+        self._check_backbone_frozen()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Dropout draws depend on (seed, epoch, batch, rank) only: resumes are exact.
+        seq = np.random.SeedSequence(
+            [int(self.hparams.seed), self.current_epoch, batch_idx, self.global_rank]
+        )
+        torch.manual_seed(int(seq.generate_state(1, np.uint64)[0] >> 1))
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        out = self(batch)
+        loss = self.loss(out["logits"], batch["query_mask"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["query_mask"].shape[0])
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        """BAM's SGD with a per-iteration decay (poly, or the paper's cosine); None for the
+        training-free model."""
+        if self.training_free:
+            return None
+        o = {**OPTIM_DEFAULTS, **(self.hparams.optim or {})}
+        backbone = {id(p) for p in self.model.backbone.parameters()}
+        trainable = self.model.trainable_parameters()
+        new = [p for p in trainable if id(p) not in backbone]
+        old = [p for p in trainable if id(p) in backbone]  # empty while the backbone is frozen
+        groups = [{"params": new, "lr": o["lr"] * o["new_layer_lr_mult"]}]
+        if old:
+            groups.append({"params": old, "lr": o["lr"]})
+        optimizer = torch.optim.SGD(
+            groups, lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"]
+        )
+        total = self.trainer.estimated_stepping_batches
+        if not np.isfinite(total):
+            raise ValueError("the lr schedule needs a finite trainer.max_epochs or max_steps")
+        if o["schedule"] == "poly":
+            scheduler = torch.optim.lr_scheduler.PolynomialLR(
+                optimizer, total_iters=int(total), power=o["poly_power"]
+            )
+        elif o["schedule"] == "cosine":
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=int(total))
+        else:
+            raise ValueError(f"optim.schedule must be 'poly' or 'cosine', got {o['schedule']!r}")
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _score(self, metric: FSSIoU, output: Tensor, batch: Mapping[str, Tensor]) -> None:
+        """Update ``metric`` with logits [B, 2, h, w] (argmax) or a probability map
+        [B, 1, h, w] (> 0.5): at the original label size when the batch carries
+        ``query_mask_orig`` (BAM/PFENet protocols), else at the size of ``query_mask``."""
+        if "query_mask_orig" in batch:
+            pred, target = original_size_prediction(output, batch, self.hparams.original_resize)
+        else:
+            target = batch["query_mask"]  # [B, H, W]
+            size = tuple(target.shape[-2:])
+            if output.shape[1] == 1:
+                pred = binarize(output, 0.5, size=size)
+            else:
+                pred = _resize(output, size).argmax(1)
+        metric.update(pred, target, batch["class_idx"])
+
+    def _eval_step(self, batch: Mapping[str, Tensor], stage: str) -> dict[str, Tensor]:
+        iou, gm = (self.val_iou, self.val_gm) if stage == "val" else (self.test_iou, self.test_gm)
+        out = self(batch)
+        self._score(iou, out["logits"], batch)
+        self._score(gm, out["guidance"], batch)
+        target = batch["query_mask"]  # [B, H, W]
+        logits = _resize(out["logits"], tuple(target.shape[-2:]))  # [B, 2, H, W]
+        self.log(f"{stage}/loss", self.loss(logits, target), batch_size=target.shape[0])
+        maps = {k: out[k].detach() for k in MAP_KEYS if k in out}
+        return {"pred": logits.argmax(1), **maps}  # pred [B, H, W], maps [B, 1, h, w]
+
+    def _log_epoch(self, stage: str) -> None:
+        iou, gm = (self.val_iou, self.val_gm) if stage == "val" else (self.test_iou, self.test_gm)
+        results = flatten_results(iou.compute(), f"{stage}/", self.class_ids)
+        results[f"{stage}/GmIoU"] = float(gm.compute()["mIoU"])
+        self.log_dict(results)  # metrics are already reduced over processes by torchmetrics
+        iou.reset()
+        gm.reset()
+
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        return self._eval_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+
+def class_names_of(datamodule: Any) -> list[str] | None:
+    """Class names of a datamodule's evaluation source (index = class id), if it has them."""
+    try:
+        names = getattr(datamodule.source(datamodule.eval_split), "class_names", None)
+    except Exception:  # noqa: BLE001 - names are cosmetic
+        return None
+    return [str(n) for n in names] if names is not None else None
