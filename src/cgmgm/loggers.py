@@ -68,7 +68,13 @@ def wandb_logger(
     if mode != "online":
         kwargs["log_model"] = False  # nothing can be uploaded
     settings = wandb.Settings(init_timeout=init_timeout, silent=True)
-    return WandbLogger(save_dir=save_dir, mode=mode, tags=tags or None, settings=settings, **kwargs)
+    logger = WandbLogger(
+        save_dir=save_dir, mode=mode, tags=tags or None, settings=settings, **kwargs
+    )
+    init = getattr(logger, "_wandb_init", {})
+    if init.get("anonymous") is None:  # wandb >= 0.19 warns on any value of this retired option
+        init.pop("anonymous", None)
+    return logger
 
 
 def finish_loggers(failed: bool = False) -> None:
