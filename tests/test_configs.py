@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from cgmgm.config import config_dir, instantiate_callbacks, instantiate_loggers
+from cgmgm.data import DatasetError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -59,7 +60,12 @@ def test_every_group_option_composes(group, config_name, tmp_path):
         assert plain["paths"]["output_dir"] == str(tmp_path)
         if group == "dataset":
             dm = instantiate(cfg.dataset)
-            assert (dm.fold, dm.shot) == (0, 1) and len(dm.classes) > 0
+            assert (dm.fold, dm.shot) == (0, 1) and dm.protocol.name == "bam"
+            if cfg.dataset.get("root", "embedded") is None:  # a real dataset: say what to set
+                with pytest.raises(DatasetError, match=r"needs a dataset root \(dataset\.root="):
+                    dm.classes  # noqa: B018 - the source is built on first use
+            else:
+                assert len(dm.classes) > 0
         elif group == "logger":
             assert len(instantiate_loggers(cfg.logger)) == (0 if option == "none" else 1)
         elif group == "callbacks":

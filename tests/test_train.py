@@ -83,7 +83,8 @@ def test_train_resume_and_eval(tmp_path, capsys):
     assert (ckpts / "last.ckpt").is_file() and list(ckpts.glob("best-*.ckpt"))
     assert (straight / "csv" / "metrics.csv").is_file()
     figures = {p.name for p in (straight / "figures").glob("*.png")}
-    assert {"val_epoch000.png", "val_epoch001.png", "test_seed321.png"} <= figures
+    assert {"val_epoch000.png", "val_epoch001.png", "test_seed510.png"} <= figures  # BAM's
+    assert saved["protocol"]["name"] == "bam" and saved["test_episodes"] == 8
 
     # Checkpoints hold plain types only.
     ckpt = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)

@@ -20,6 +20,7 @@ __all__ = [
     "format_table",
     "instantiate_callbacks",
     "instantiate_loggers",
+    "protocol_record",
     "to_plain",
     "write_metrics",
 ]
@@ -69,6 +70,18 @@ def instantiate_loggers(cfg: Mapping[str, Any] | None) -> list[Any]:
 def instantiate_callbacks(cfg: Mapping[str, Any] | None) -> list[Any]:
     """Callbacks of the ``callbacks`` group (``{name: node}``; null entries are dropped)."""
     return _instantiate_named(cfg, "callback")
+
+
+def protocol_record(datamodule: Any) -> dict[str, Any]:
+    """What a run's numbers follow, for metrics.json: the protocol's description (or None),
+    the test episodes per run, the original-size canvas and the dataset root."""
+    protocol = getattr(datamodule, "protocol", None)
+    return {
+        "dataset_root": datamodule.dataset_kwargs.get("root"),
+        "protocol": protocol.as_dict() if protocol is not None else None,
+        "test_episodes": int(datamodule.test_episodes),
+        "original_size": datamodule.original_size,
+    }
 
 
 def write_metrics(path: str | Path, metrics: Mapping[str, Any]) -> Path:

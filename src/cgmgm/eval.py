@@ -30,9 +30,11 @@ from cgmgm.config import (
     format_table,
     instantiate_callbacks,
     instantiate_loggers,
+    protocol_record,
     to_plain,
     write_metrics,
 )
+from cgmgm.data.protocols import get_protocol
 from cgmgm.lit import LitCGMGM, class_names_of
 from cgmgm.loggers import finish_loggers
 
@@ -62,8 +64,15 @@ def build_module(cfg: DictConfig, class_ids: list[int], class_names: list[str] |
         ckpt = load_checkpoint(cfg.ckpt_path)
         hp = dict(ckpt["hyper_parameters"])
         backbone = {**hp["backbone"], "weights": None}  # the checkpoint holds the weights
+        hp.pop("original_resize", None)  # checkpoints before protocols were configurable
         module = LitCGMGM(
-            **{**hp, "backbone": backbone, "class_ids": class_ids, "class_names": class_names}
+            **{
+                **hp,
+                "backbone": backbone,
+                "class_ids": class_ids,
+                "class_names": class_names,
+                "protocol": str(cfg.protocol),  # the protocol of this evaluation
+            }
         )
         module.load_state_dict(ckpt["state_dict"])
         return module
@@ -73,6 +82,7 @@ def build_module(cfg: DictConfig, class_ids: list[int], class_names: list[str] |
         class_ids=class_ids,
         class_names=class_names,
         seed=int(cfg.seed),
+        protocol=str(cfg.protocol),
     )
 
 
@@ -102,9 +112,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "model=training_free for the model without trained parameters"
         )
     _resolve_fold_shot(cfg, meta)
-    seeds = [int(s) for s in cfg.eval.seeds]
+    seeds = cfg.eval.seeds
+    seeds = list(get_protocol(cfg.protocol).seeds) if seeds is None else [int(s) for s in seeds]
     if not seeds:
-        raise ValueError("eval.seeds is empty")
+        raise ValueError("eval.seeds is empty; leave it null for the protocol's seeds")
     out_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
 
@@ -125,6 +136,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         metrics.update(
             {
                 "dataset": str(cfg.dataset.get("dataset", "")),
+                **protocol_record(datamodule),
                 "fold": int(cfg.fold),
                 "shot": int(cfg.shot),
                 "seeds": seeds,

@@ -9,8 +9,8 @@
 - Metrics (val and test): :class:`~cgmgm.metrics.FSSIoU` of the prediction (argmax of the
   logits) and of the guidance map binarised at 0.5 (GmIoU, paper Table 1), logged in percent
   as ``{stage}/mIoU``, ``{stage}/FB-IoU``, ``{stage}/GmIoU``, ``{stage}/IoU/class_<id>``.
-  Scored against ``query_mask``, or at the original label size when episodes carry
-  ``query_mask_orig`` (BAM/PFENet protocols, :mod:`cgmgm.data.protocols`).
+  Scored by the protocol (:mod:`cgmgm.data.protocols`): at the original label size when
+  episodes carry ``query_mask_orig`` (BAM/PFENet), else against ``query_mask``.
 - Training randomness (decoder dropout) is a pure function of (seed, epoch, batch, rank), so
   resuming from a checkpoint reproduces an uninterrupted run.
 
@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cgmgm.data.protocols import original_size_prediction
-from cgmgm.metrics import FSSIoU, binarize, flatten_results
+from cgmgm.data.protocols import get_protocol
+from cgmgm.metrics import FSSIoU, flatten_results
 from cgmgm.models.backbone import build_backbone
 from cgmgm.models.cgmgm import CGMGM
 
@@ -102,9 +102,8 @@ class LitCGMGM(L.LightningModule):
         class_names: names indexed by class id (0 = background), for tables and figures.
         seed: seed of the training randomness (dropout).
         meta: free plain-typed run information stored in the checkpoint (fold, shot, ...).
-        original_resize: how test-size outputs map back to the original label when batches
-            carry ``query_mask_orig`` ("pad": BAM/PFENet, "squash"; see
-            :func:`cgmgm.data.protocols.restore_original`).
+        protocol: the evaluation protocol that scores val/test batches ("bam", "hsnet",
+            "pfenet"; :meth:`cgmgm.data.protocols.Protocol.score`).
     """
 
     def __init__(
@@ -116,7 +115,7 @@ class LitCGMGM(L.LightningModule):
         class_names: list[str] | None = None,
         seed: int = 0,
         meta: dict | None = None,
-        original_resize: str = "pad",
+        protocol: str = "bam",
     ) -> None:
         super().__init__()
         for name, value in (("model", model), ("backbone", backbone), ("optim", optim)):
@@ -124,6 +123,7 @@ class LitCGMGM(L.LightningModule):
         _check_plain(list(class_ids), "class_ids")
         _check_plain(class_names, "class_names")
         _check_plain(meta, "meta")
+        self.protocol = get_protocol(protocol)
         self.save_hyperparameters()
         self.model = build_model(model, backbone)
         self.class_ids = [int(c) for c in class_ids]
@@ -211,26 +211,11 @@ class LitCGMGM(L.LightningModule):
 
     # ------------------------------------------------------------------ evaluation
 
-    def _score(self, metric: FSSIoU, output: Tensor, batch: Mapping[str, Tensor]) -> None:
-        """Update ``metric`` with logits [B, 2, h, w] (argmax) or a probability map
-        [B, 1, h, w] (> 0.5): at the original label size when the batch carries
-        ``query_mask_orig`` (BAM/PFENet protocols), else at the size of ``query_mask``."""
-        if "query_mask_orig" in batch:
-            pred, target = original_size_prediction(output, batch, self.hparams.original_resize)
-        else:
-            target = batch["query_mask"]  # [B, H, W]
-            size = tuple(target.shape[-2:])
-            if output.shape[1] == 1:
-                pred = binarize(output, 0.5, size=size)
-            else:
-                pred = _resize(output, size).argmax(1)
-        metric.update(pred, target, batch["class_idx"])
-
     def _eval_step(self, batch: Mapping[str, Tensor], stage: str) -> dict[str, Tensor]:
         iou, gm = (self.val_iou, self.val_gm) if stage == "val" else (self.test_iou, self.test_gm)
         out = self(batch)
-        self._score(iou, out["logits"], batch)
-        self._score(gm, out["guidance"], batch)
+        self.protocol.score(iou, out["logits"], batch)
+        self.protocol.score(gm, out["guidance"], batch)
         target = batch["query_mask"]  # [B, H, W]
         logits = _resize(out["logits"], tuple(target.shape[-2:]))  # [B, 2, H, W]
         self.log(f"{stage}/loss", self.loss(logits, target), batch_size=target.shape[0])

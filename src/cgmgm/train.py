@@ -30,6 +30,7 @@ from cgmgm.config import (
     format_table,
     instantiate_callbacks,
     instantiate_loggers,
+    protocol_record,
     to_plain,
     write_metrics,
 )
@@ -42,6 +43,7 @@ def run_info(cfg: DictConfig) -> dict[str, Any]:
     model = to_plain(cfg.model)
     return {
         "dataset": str(cfg.dataset.get("dataset", "")),
+        "protocol": str(cfg.protocol),
         "fold": int(cfg.fold),
         "shot": int(cfg.shot),
         "seed": int(cfg.seed),
@@ -79,6 +81,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         class_names=class_names_of(datamodule),
         seed=int(cfg.seed),
         meta=info,
+        protocol=str(cfg.protocol),
     )
     loggers = instantiate_loggers(cfg.get("logger"))
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
@@ -93,6 +96,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         results = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
         metrics = {k: float(v) for k, v in results[0].items() if "IoU" in k}  # percent
         metrics.update(info)
+        metrics.update(protocol_record(datamodule))
         metrics["test_ckpt"] = str(ckpt) if ckpt else "last"
         if best is not None and best.best_model_score is not None:
             metrics["val/mIoU_best"] = float(best.best_model_score)

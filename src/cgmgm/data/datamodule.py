@@ -22,6 +22,7 @@ from cgmgm.data.episodes import (
     Transform,
     source_novel_classes,
 )
+from cgmgm.data.protocols import Protocol, get_protocol
 from cgmgm.data.synthetic import SyntheticShapes
 
 __all__ = [
@@ -118,29 +119,46 @@ def _plain(x: Any) -> Any:
     return x
 
 
+def _default(value: bool | None, fallback: bool) -> bool:
+    return bool(fallback if value is None else value)
+
+
 class EpisodicDataModule(L.LightningDataModule):
-    """Episodic train/val/test loaders on one fold.
+    """Episodic train/val/test loaders on one fold, under one evaluation protocol.
 
     Args:
         dataset: registered source name (see :func:`build_source`) or a callable
             ``split -> SegmentationSource``.
         dataset_kwargs: extra keyword arguments for the source.
+        root: the source's dataset root (shorthand for ``dataset_kwargs["root"]``).
+        protocol: "bam", "hsnet", "pfenet" or a :class:`~cgmgm.data.protocols.Protocol`
+            (see :mod:`cgmgm.data.protocols`): it supplies every setting below left at None,
+            and the transforms given as "protocol". None: no protocol (the plain defaults).
         fold, shot, num_folds: few-shot setting.
         seed: seed of train and val episodes (and of the train order).
-        test_seed: seed of test episodes (default: ``seed``).
+        test_seed: seed of test episodes (None: the protocol's first seed, else ``seed``).
         batch_size, eval_batch_size: episodes per batch (eval defaults to batch_size).
         num_workers, pin_memory: DataLoader options.
-        train_episodes, val_episodes, test_episodes: episodes per epoch / evaluation.
+        train_episodes: episodes per epoch (None: one per training image, BAM's epoch).
+        val_episodes: episodes per validation.
+        test_episodes: episodes per test run (None: the protocol's count for this dataset,
+            else 1000).
         train_split, eval_split: image splits of the source for training and val/test.
-        filter_novel, class_balanced: see :class:`EpisodeDataset`.
+        filter_novel, class_balanced: see :class:`EpisodeDataset` (None: the protocol's,
+            else True).
         resample_train: new training episodes every epoch (see :class:`EpisodeSampler`).
-        train_transform, eval_transform: per-image numpy transforms.
+        train_transform, eval_transform: per-image numpy transforms; "protocol" for the
+            protocol's (BAM augmentation / test-time resize), None for none (images at
+            their own size, as the embedded benchmark).
         classes: val/test classes instead of the fold's novel classes: a list of class ids,
             or "all" for every class of the evaluation source (e.g. FSS-1000, CamVid).
         train_classes: training classes instead of the fold's base classes (list or "all").
         original_size: val/test episodes also carry the query label at original size,
             255-padded to this square (``query_mask_orig``, ``query_orig_size``; see
-            :class:`EpisodeDataset`), for scoring at original size (BAM/PFENet protocols).
+            :class:`EpisodeDataset`), for scoring at original size; "auto": the longest
+            image side of the evaluation source. Required by a protocol that scores at
+            original size (BAM/PFENet) once test images are resized; dropped under one that
+            does not (HSNet).
 
     Validation and test both sample the fold's novel classes from ``eval_split`` (BAM).
     """
@@ -149,6 +167,8 @@ class EpisodicDataModule(L.LightningDataModule):
         self,
         dataset: str | Callable[[str], SegmentationSource] = "synthetic",
         dataset_kwargs: Mapping[str, Any] | None = None,
+        root: str | None = None,
+        protocol: str | Protocol | None = None,
         fold: int = 0,
         shot: int = 1,
         seed: int = 0,
@@ -156,46 +176,81 @@ class EpisodicDataModule(L.LightningDataModule):
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
-        train_episodes: int = 1000,
+        train_episodes: int | None = 1000,
         val_episodes: int = 300,
-        test_episodes: int = 1000,
+        test_episodes: int | None = None,
         num_folds: int = 4,
         train_split: str = "train",
         eval_split: str = "val",
-        filter_novel: bool = True,
-        class_balanced: bool = True,
+        filter_novel: bool | None = None,
+        class_balanced: bool | None = None,
         resample_train: bool = True,
         pin_memory: bool = False,
-        train_transform: Transform | None = None,
-        eval_transform: Transform | None = None,
+        train_transform: Transform | str | None = None,
+        eval_transform: Transform | str | None = None,
         classes: Sequence[int] | str | None = None,
         train_classes: Sequence[int] | str | None = None,
-        original_size: int | None = None,
+        original_size: int | str | None = None,
     ) -> None:
         super().__init__()
         self.dataset = dataset
         self.dataset_kwargs = dict(_plain(dataset_kwargs) or {})
+        if root is not None:
+            self.dataset_kwargs["root"] = root
+        self.protocol = None if protocol is None else get_protocol(protocol)
+        name = dataset if isinstance(dataset, str) else "default"
+        p = self.protocol
         self.fold, self.shot, self.num_folds = int(fold), int(shot), int(num_folds)
         self.seed = int(seed)
-        self.test_seed = self.seed if test_seed is None else int(test_seed)
+        if test_seed is None:
+            test_seed = p.seeds[0] if p is not None else self.seed
+        self.test_seed = int(test_seed)
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
         self.num_workers = int(num_workers)
-        self.train_episodes = int(train_episodes)
+        self.train_episodes = None if train_episodes is None else int(train_episodes)
         self.val_episodes = int(val_episodes)
+        if test_episodes is None:
+            test_episodes = p.episodes(name) if p is not None else 1000
         self.test_episodes = int(test_episodes)
         self.train_split, self.eval_split = train_split, eval_split
-        self.filter_novel, self.class_balanced = bool(filter_novel), bool(class_balanced)
+        self.filter_novel = _default(filter_novel, p.filter_novel if p else True)
+        self.class_balanced = _default(class_balanced, p.balanced(name) if p else True)
         self.resample_train = bool(resample_train)
         self.pin_memory = bool(pin_memory)
-        self.train_transform, self.eval_transform = train_transform, eval_transform
+        self.train_transform = self._transform(train_transform, "train", name)
+        self.eval_transform = self._transform(eval_transform, "eval", name)
         self.eval_classes = _plain(classes)
         self.train_classes = _plain(train_classes)
-        self.original_size = None if original_size is None else int(original_size)
+        self.original_size: int | None = None
+        self._original_spec = original_size
+        if p is not None and not p.score_at_original:
+            self._original_spec = None  # HSNet scores at test size
+        elif p is not None and self.eval_transform is not None and original_size is None:
+            raise ValueError(
+                f"protocol {p.name!r} scores at original size and resizes the test images,"
+                " so the data module needs original_size: the longest image side of the "
+                "evaluation images (e.g. 500 for PASCAL), or 'auto' to read it from the "
+                "images (dataset.original_size=auto)"
+            )
         self._sources: dict[str, SegmentationSource] = {}
         self.train_set: EpisodeDataset | None = None
         self.val_set: EpisodeDataset | None = None
         self.test_set: EpisodeDataset | None = None
+
+    def _transform(self, spec: Any, stage: str, name: str) -> Transform | None:
+        """A transform argument: "protocol" -> the protocol's for this dataset, else as is."""
+        if not isinstance(spec, str):
+            return spec
+        if spec != "protocol":
+            raise ValueError(
+                f"{stage}_transform must be 'protocol', None or a callable, got {spec!r}"
+            )
+        if self.protocol is None:
+            raise ValueError(f"{stage}_transform='protocol' needs a protocol (bam, hsnet, pfenet)")
+        if stage == "train":
+            return self.protocol.train_transform(name, seed=self.seed)
+        return self.protocol.eval_transform(name)
 
     def source(self, split: str) -> SegmentationSource:
         """The (cached) source for image split ``split``."""
@@ -232,8 +287,27 @@ class EpisodicDataModule(L.LightningDataModule):
             filter_novel=self.filter_novel,
             class_balanced=self.class_balanced,
             classes=self._resolve_classes(spec, src),
-            original_size=None if split == "train" else self.original_size,
+            original_size=None if split == "train" else self._resolve_original_size(),
         )
+
+    def _resolve_original_size(self) -> int | None:
+        """``original_size`` as an int ("auto": the longest side of the evaluation images)."""
+        spec = self._original_spec
+        if spec is None or self.original_size is not None:
+            return self.original_size
+        if spec == "auto":
+            src = self.source(self.eval_split)
+            if not hasattr(src, "image_sizes"):
+                raise ValueError(
+                    f"original_size='auto' reads image headers, which {type(src).__name__} "
+                    "has no files for; give original_size as an integer"
+                )
+            self.original_size = max(max(hw) for hw in src.image_sizes())
+        elif isinstance(spec, str):
+            raise ValueError(f"original_size must be an integer or 'auto', got {spec!r}")
+        else:
+            self.original_size = int(spec)
+        return self.original_size
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
@@ -282,7 +356,7 @@ class EpisodicDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
             self.setup("fit")
-        sampler = EpisodeSampler(self.train_episodes, self.seed, resample=self.resample_train)
+        sampler = EpisodeSampler(len(self.train_set), self.seed, resample=self.resample_train)
         return self._loader(self.train_set, self.batch_size, sampler=sampler, drop_last=True)
 
     def eval_dataloader(self, ds: EpisodeDataset) -> DataLoader:

@@ -194,7 +194,9 @@ class EpisodeDataset(Dataset):
         fold, shot: fold index and number of support images K.
         split: "train" samples the fold's base classes (and, with ``filter_novel``, drops
             images with any novel-class pixel: BAM setting); "test" samples novel classes.
-        num_episodes: dataset length. ``__getitem__`` also accepts any index >= 0 (used by
+        num_episodes: dataset length; None for one episode per query image (the number of
+            images holding a sampled class, as BAM/PFENet epochs walk their image list).
+            ``__getitem__`` also accepts any index >= 0 (used by
             :class:`~cgmgm.data.datamodule.EpisodeSampler` to draw fresh episodes per epoch).
         seed: episode ``index`` uses ``np.random.SeedSequence([seed, fold, shot, index])``.
         num_folds, fold_scheme: fold layout (``fold_scheme`` defaults to the source's
@@ -229,7 +231,7 @@ class EpisodeDataset(Dataset):
         fold: int,
         shot: int,
         split: str = "train",
-        num_episodes: int = 1000,
+        num_episodes: int | None = 1000,
         seed: int = 0,
         *,
         num_folds: int = 4,
@@ -244,11 +246,11 @@ class EpisodeDataset(Dataset):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         if shot < 1:
             raise ValueError(f"shot must be >= 1, got {shot}")
-        if num_episodes < 1:
-            raise ValueError(f"num_episodes must be >= 1, got {num_episodes}")
+        if num_episodes is not None and num_episodes < 1:
+            raise ValueError(f"num_episodes must be >= 1 or None, got {num_episodes}")
         self.source = source
         self.fold, self.shot, self.split = int(fold), int(shot), split
-        self.num_episodes, self.seed = int(num_episodes), int(seed)
+        self.seed = int(seed)
         self.transform = transform
         self.class_balanced = bool(class_balanced)
         self.original_size = None if original_size is None else int(original_size)
@@ -294,6 +296,9 @@ class EpisodeDataset(Dataset):
         self._pairs = np.asarray(
             [(i, c) for c in self.classes for i in self.class_images[c]], dtype=np.int64
         ).reshape(-1, 2)
+        # None: one episode per query image, as BAM/PFENet epochs walk their image list
+        n = len(np.unique(self._pairs[:, 0])) if num_episodes is None else num_episodes
+        self.num_episodes = int(n)
 
     def __len__(self) -> int:
         return self.num_episodes

@@ -169,9 +169,14 @@ def read_list(
     """
     if not list_file.is_file():
         raise DatasetError(
-            f"split list {list_file} does not exist. Fix: build the lists with "
-            f"`python -m cgmgm.data.prepare {dataset} ...` or pass the list file explicitly "
-            f"(dataset.list_file=...); {check_hint(dataset, root)}"
+            f"split list {list_file} does not exist. Fix: "
+            + (
+                f"build the lists with `python -m cgmgm.data.prepare {dataset} ...` or "
+                if dataset in ("pascal", "coco")
+                else "write it (one image name per line) or "
+            )
+            + "pass the list file explicitly (dataset.dataset_kwargs.list_file=...); "
+            + check_hint(dataset, root)
         )
     entries: list[tuple[str, Path, Path]] = []
     seen: dict[str, int] = {}
@@ -261,6 +266,20 @@ class FileSource(ClassIndexSource):
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """(H, W) of every image, read from the file headers (no decoding)."""
+        sizes = []
+        for path in self.image_paths:
+            try:
+                with Image.open(path) as im:
+                    w, h = im.size
+            except FileNotFoundError:
+                raise DatasetError(f"image file {path} does not exist") from None
+            except (OSError, SyntaxError, ValueError) as e:
+                raise DatasetError(f"cannot read the header of image {path} ({e})") from e
+            sizes.append((h, w))
+        return sizes
 
     def _mask_name(self, i: int) -> str:
         return str(self.mask_paths[i]) if self.mask_paths is not None else f"mask of {self.keys[i]}"

@@ -153,7 +153,8 @@ class FolderSource(FileSource):
                 raise DatasetError(f"{len(missing)} mask(s) missing, e.g. {missing[0]}")
         else:
             lst = root / f"{split}.txt" if chosen is None else Path(chosen)
-            lst = lst if lst.is_absolute() else root / lst
+            if chosen is not None and not lst.is_absolute():
+                lst = root / lst
             entries = read_list(
                 lst, root, image_dir, mask_dir, self.dataset_name, image_exts=IMAGE_EXTENSIONS
             )

@@ -143,11 +143,13 @@ class Protocol:
         """Update ``metric`` (a :class:`~cgmgm.metrics.FSSIoU`) with one batch.
 
         ``output``: 2-class logits [B, 2, h, w] or a foreground probability [B, (1,) h, w].
-        With ``score_at_original`` the batch must carry ``query_mask_orig`` /
-        ``query_orig_size`` (EpisodeDataset ``original_size``); otherwise the output is
-        upsampled (bilinear, align_corners=True) to ``query_mask``.
+        With ``score_at_original`` and a batch carrying ``query_mask_orig`` /
+        ``query_orig_size`` (EpisodeDataset ``original_size``), the prediction is scored
+        against the original-size label; otherwise the output is upsampled (bilinear,
+        align_corners=True) to ``query_mask`` and scored there (HSNet, or images that were
+        not resized, where ``query_mask`` is the original label).
         """
-        if self.score_at_original:
+        if self.score_at_original and "query_mask_orig" in batch:
             pred, target = original_size_prediction(output, batch, self.resize)
         else:
             target = batch["query_mask"]
