@@ -147,9 +147,9 @@ class EpisodicDataModule(L.LightningDataModule):
         filter_novel, class_balanced: see :class:`EpisodeDataset` (None: the protocol's,
             else True).
         resample_train: new training episodes every epoch (see :class:`EpisodeSampler`).
-        train_transform, eval_transform: per-image numpy transforms; "protocol" for the
-            protocol's (BAM augmentation / test-time resize), None for none (images at
-            their own size, as the embedded benchmark).
+        train_transform, eval_transform: per-image numpy transforms; "protocol" (default)
+            for the protocol's (BAM augmentation / test-time resize; none without a
+            protocol), None for none (images at their own size, as the embedded benchmark).
         classes: val/test classes instead of the fold's novel classes: a list of class ids,
             or "all" for every class of the evaluation source (e.g. FSS-1000, CamVid).
         train_classes: training classes instead of the fold's base classes (list or "all").
@@ -186,8 +186,8 @@ class EpisodicDataModule(L.LightningDataModule):
         class_balanced: bool | None = None,
         resample_train: bool = True,
         pin_memory: bool = False,
-        train_transform: Transform | str | None = None,
-        eval_transform: Transform | str | None = None,
+        train_transform: Transform | str | None = "protocol",
+        eval_transform: Transform | str | None = "protocol",
         classes: Sequence[int] | str | None = None,
         train_classes: Sequence[int] | str | None = None,
         original_size: int | str | None = None,
@@ -247,7 +247,7 @@ class EpisodicDataModule(L.LightningDataModule):
                 f"{stage}_transform must be 'protocol', None or a callable, got {spec!r}"
             )
         if self.protocol is None:
-            raise ValueError(f"{stage}_transform='protocol' needs a protocol (bam, hsnet, pfenet)")
+            return None
         if stage == "train":
             return self.protocol.train_transform(name, seed=self.seed)
         return self.protocol.eval_transform(name)
