@@ -168,8 +168,13 @@ def test_prepare_coco_lists_and_cache(tmp_path, capsys):
     src = build_source("coco", "val", root=root)
     assert len(src._counts) == 6  # cache from prepare
     png = build_source("coco", "val", root=root, mask_dir="masks/val2014", stats_cache=None)
+    dirs = {"train": "masks/train2014", "val": "masks/val2014"}  # one setting for both splits
+    per_split = build_source("coco", "val", root=root, mask_dir=dirs, stats_cache=None)
     for i in range(6):
         assert np.array_equal(png.load_mask(i), src.load_mask(i))
+        assert per_split.mask_paths[i] == png.mask_paths[i]
+    train = build_source("coco", "train", root=root, mask_dir=dirs, stats_cache=None)
+    assert train.mask_paths[0].parent == root / "masks" / "train2014"
     fold0 = json.loads((root / "lists" / "fold0" / "val_classes.json").read_text())
     assert fold0["1"] == [
         "COCO_val2014_000000000002",

@@ -114,7 +114,8 @@ class COCO2014(FileSource):
             (a path or a {split: path} mapping; relative to root).
         image_dir: image directory overriding ``<set>`` (train2014 / val2014).
         mask_dir: optional directory of prebuilt PNG masks ``<image stem>.png`` (from
-            ``prepare coco --write-masks``); default: rendered from the annotations.
+            ``prepare coco --write-masks``: ``masks/<set>``), or a {split: directory}
+            mapping; default: rendered from the annotations.
         crowd: "ignore" (crowd regions -> 255) or "class" (crowd regions -> their class).
         images: "annotated" (images with >= 1 instance annotation: 82081 train / 40137 val,
             PFENet's lists) or "all".
@@ -132,7 +133,7 @@ class COCO2014(FileSource):
         root: str | Path | None = None,
         annotation_file: str | Path | Mapping[str, str] | None = None,
         image_dir: str | None = None,
-        mask_dir: str | Path | None = None,
+        mask_dir: str | Path | Mapping[str, str] | None = None,
         crowd: str = "ignore",
         images: str = "annotated",
         list_file: str | Path | Mapping[str, str] | None = None,
@@ -177,6 +178,7 @@ class COCO2014(FileSource):
                 f"{check_hint('coco', root)}"
             )
         self.image_ids = ids
+        mask_dir = split_option(mask_dir, split)
         self.mask_dir = None if mask_dir is None else Path(mask_dir)
         if self.mask_dir is not None and not self.mask_dir.is_absolute():
             self.mask_dir = root / self.mask_dir
