@@ -54,7 +54,7 @@ def test_every_group_option_composes(group, config_name, tmp_path):
     for option in options:
         overrides = [f"{group}={option}"]
         if config_name == "eval":
-            overrides += ["fold=0", "shot=1"]
+            overrides += ["fold=0", "shot=1", "protocol=bam"]  # eval fills these in first
         cfg = _compose(config_name, overrides, tmp_path)
         plain = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
         assert plain["paths"]["output_dir"] == str(tmp_path)

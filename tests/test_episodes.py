@@ -141,10 +141,34 @@ def test_train_split_protocol(train, fold):
 
 
 def test_image_frequency_sampling(val):
-    ds = EpisodeDataset(val, 2, 1, "test", 100, seed=0, class_balanced=False)
-    for i in range(100):
-        cls, q, sup = ds.sample(i)
-        assert cls in ds.classes and cls in val.classes_in(q) and q not in sup
+    for sampling in ("image", "pair"):
+        ds = EpisodeDataset(val, 2, 1, "test", 100, seed=0, sampling=sampling)
+        for i in range(100):
+            cls, q, sup = ds.sample(i)
+            assert cls in ds.classes and cls in val.classes_in(q) and q not in sup
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        EpisodeDataset(val, 2, 1, "test", 10, sampling="balanced")
+
+
+@pytest.mark.parametrize(
+    ("sampling", "p_query0", "p_class1"),
+    [
+        ("image", 1 / 7, 4 / 7 + 1 / 21),  # image 0 of 7, then one of its 3 classes
+        ("pair", 3 / 9, 5 / 9),  # 9 (image, class) pairs, 3 of them image 0's
+        ("class", (1 / 5 + 1 / 2 + 1 / 2) / 3, 1 / 3),  # class first, then its images
+    ],
+)
+def test_sampling_modes_follow_their_distributions(sampling, p_query0, p_class1):
+    # image 0 holds classes 1, 2, 3; images 1-4 class 1 only, image 5 class 2, image 6 class 3
+    three = np.zeros((8, 8), dtype=np.uint8)
+    three[0:2], three[2:4], three[4:6] = 1, 2, 3
+    masks = [three] + [np.full((8, 8), c, dtype=np.uint8) for c in (1, 1, 1, 1, 2, 3)]
+    masks[5][:4], masks[6][:4] = 2, 3  # a second image for classes 2 and 3 ...
+    masks[5][4:], masks[6][4:] = 0, 0  # ... with background
+    ds = EpisodeDataset(TinySource(masks), 0, 1, "test", 4000, classes=[1, 2, 3], sampling=sampling)
+    draws = np.array([ds.sample(i)[:2] for i in range(4000)])  # [N, 2] (class, query)
+    assert np.mean(draws[:, 1] == 0) == pytest.approx(p_query0, abs=0.03)
+    assert np.mean(draws[:, 0] == 1) == pytest.approx(p_class1, abs=0.03)
 
 
 def test_target_mapping_and_ignore():

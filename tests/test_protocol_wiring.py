@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from PIL import Image
 
 from _data_fixtures import W, coco_fixture, folder_fixture, fss_fixture, pascal_fixture
@@ -35,7 +36,7 @@ def _dm(root: Path, protocol: str | None, **kw) -> EpisodicDataModule:
 
 def test_bam_is_the_papers_protocol(pascal):
     dm = _dm(pascal, "bam", original_size=500)
-    assert dm.filter_novel and not dm.class_balanced  # novel-image filter, image frequency
+    assert dm.filter_novel and dm.sampling == "image"  # novel-image filter, image list
     assert (dm.test_episodes, dm.test_seed) == (1000, 510)
     assert isinstance(dm.train_transform, BAMTrainTransform) and dm.train_transform.size == 473
     assert isinstance(dm.eval_transform, PadResize) and dm.eval_transform.size == 473
@@ -54,7 +55,8 @@ def test_hsnet_and_pfenet_differ_where_their_code_does(pascal):
     coco = EpisodicDataModule(dataset="coco", protocol="pfenet", original_size=640)
     assert coco.test_episodes == 20000 and coco.eval_transform.size == 641
     hs_coco = EpisodicDataModule(dataset="coco", protocol="hsnet")
-    assert hs_coco.class_balanced  # HSNet's COCO loader draws the class first
+    assert hs_coco.sampling == "class"  # HSNet's COCO loader draws the class first
+    assert hsnet.sampling == "pair"  # HSNet's PASCAL list: one entry per (image, class)
 
 
 def test_explicit_settings_win_over_the_protocol(pascal):
@@ -65,18 +67,15 @@ def test_explicit_settings_win_over_the_protocol(pascal):
         test_episodes=7,
         test_seed=3,
         filter_novel=False,
-        class_balanced=True,
+        sampling="class",
         eval_transform=None,
     )
-    assert (dm.test_episodes, dm.test_seed, dm.filter_novel, dm.class_balanced) == (
-        7,
-        3,
-        False,
-        True,
-    )
+    assert (dm.test_episodes, dm.test_seed, dm.filter_novel, dm.sampling) == (7, 3, False, "class")
     assert dm.eval_transform is None and isinstance(dm.train_transform, BAMTrainTransform)
+    dm.setup("test")  # no test resize: query_mask is the original label, scored as it is
+    assert dm.test_set.original_size is None and "query_mask_orig" not in dm.test_set[0]
     plain = _dm(pascal, None)  # no protocol: the plain defaults, no transforms
-    assert (plain.test_episodes, plain.filter_novel, plain.class_balanced) == (1000, True, True)
+    assert (plain.test_episodes, plain.filter_novel, plain.sampling) == (1000, True, "class")
     assert plain.train_transform is None and plain.eval_transform is None
 
 
@@ -204,6 +203,25 @@ def test_protocol_choice_sets_the_seeds_and_is_recorded(tmp_path):
     assert ev["seeds"] == [321]
     with pytest.raises(ValueError, match="choose one of"):
         evaluate(_eval_cfg(tmp_path / "bad", "protocol=oslsm", "fold=0", "shot=1", *tiny))
+
+
+def test_protocol_settings_override_from_the_command_line(tmp_path):
+    cfg = _eval_cfg(
+        tmp_path,
+        "dataset=coco",
+        "protocol=bam",
+        "fold=0",
+        "shot=1",
+        "dataset.filter_novel=false",
+        "dataset.sampling=class",
+        "dataset.dataset_kwargs.mask_dir={train:masks/train2014,val:masks/val2014}",
+    )
+    dm = instantiate(cfg.dataset)
+    assert (dm.protocol.name, dm.filter_novel, dm.sampling) == ("bam", False, "class")
+    assert dm.dataset_kwargs["mask_dir"] == {"train": "masks/train2014", "val": "masks/val2014"}
+    tiny = ["dataset.dataset_kwargs.image_size=32", "dataset.test_episodes=2", "fold=0", "shot=1"]
+    with pytest.raises(ValueError, match="set the top-level protocol= only"):
+        evaluate(_eval_cfg(tmp_path, "protocol=hsnet", "dataset.protocol=bam", *tiny))
 
 
 def test_missing_root_names_the_key(tmp_path):

@@ -40,7 +40,7 @@ def test_camvid_as_folder(shared_data):
         test_episodes=4,
         eval_transform=bam.eval_transform("folder"),
         original_size=480,
-        class_balanced=bam.balanced("folder"),
+        sampling=bam.sampling_for("folder"),
     )
     dm.setup("test")
     assert dm.classes == list(range(1, 12))

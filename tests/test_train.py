@@ -123,6 +123,21 @@ def test_train_resume_and_eval(tmp_path, capsys):
         ev["test/mIoU"]
     )
     assert {"test_seed321.png", "test_seed7.png"} <= {p.name for p in (out / "figures").iterdir()}
+    assert ev["protocol"]["name"] == "bam"  # eval's protocol: null -> the checkpoint's
+
+    # Another protocol than the training run's warns; a checkpoint written before protocols
+    # were configurable (hparam original_resize) still loads.
+    old = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)
+    old["hyper_parameters"]["original_resize"] = "pad"
+    del old["hyper_parameters"]["protocol"]
+    torch.save(old, tmp_path / "old.ckpt")
+    with pytest.warns(UserWarning, match="under protocol 'hsnet' a checkpoint trained under"):
+        ev = evaluate(
+            _cfg("eval", tmp_path / "hs", f"ckpt_path={tmp_path / 'old.ckpt'}", "protocol=hsnet")
+        )
+    assert ev["seeds"] == [0] and ev["protocol"]["name"] == "hsnet"
+    with pytest.raises(ValueError, match="eval.seeds=\\[S\\] instead of test_seed"):
+        evaluate(_cfg("eval", tmp_path / "x", f"ckpt_path={ckpts / 'last.ckpt'}", "test_seed=4"))
 
 
 def test_eval_training_free_without_checkpoint(tmp_path):

@@ -16,6 +16,7 @@ from typing import Any
 import cgmgm
 
 __all__ = [
+    "check_protocol",
     "config_dir",
     "format_table",
     "instantiate_callbacks",
@@ -70,6 +71,21 @@ def instantiate_loggers(cfg: Mapping[str, Any] | None) -> list[Any]:
 def instantiate_callbacks(cfg: Mapping[str, Any] | None) -> list[Any]:
     """Callbacks of the ``callbacks`` group (``{name: node}``; null entries are dropped)."""
     return _instantiate_named(cfg, "callback")
+
+
+def check_protocol(cfg: Any, datamodule: Any) -> None:
+    """The run's ``protocol`` must be the data module's (the dataset configs interpolate
+    ``protocol: ${protocol}``), so that scoring, seeds and the record agree with the data."""
+    from cgmgm.data.protocols import get_protocol
+
+    name = get_protocol(cfg.protocol).name  # unknown names: an error listing the choices
+    dm = getattr(datamodule, "protocol", None)
+    if dm is None or dm.name != name:
+        raise ValueError(
+            f"protocol={name} but the data module follows "
+            f"{dm.name if dm is not None else 'none'}: set the top-level protocol= only "
+            "(a dataset config passes it on with `protocol: ${protocol}`)"
+        )
 
 
 def protocol_record(datamodule: Any) -> dict[str, Any]:

@@ -5,10 +5,10 @@
     python -m cgmgm.eval ckpt_path=... eval.seeds=[0,1,2] shot=5
 
 With ``ckpt_path``, the model and backbone configs come from the checkpoint's
-hyper-parameters, and ``fold`` / ``shot`` default to the checkpoint's. The checkpoint is read
-with ``torch.load(..., weights_only=True)``. ``metrics.json`` in the Hydra output dir holds
-``test/<metric>`` (mean over seeds), ``test/<metric>_std`` (sample standard deviation, 0 for
-one seed) and ``seed<S>/test/<metric>`` per seed, in percent.
+hyper-parameters, and ``fold`` / ``shot`` / ``protocol`` default to the checkpoint's. The
+checkpoint is read with ``torch.load(..., weights_only=True)``. ``metrics.json`` in the Hydra
+output dir holds ``test/<metric>`` (mean over seeds), ``test/<metric>_std`` (sample standard
+deviation, 0 for one seed) and ``seed<S>/test/<metric>`` per seed, in percent.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from cgmgm.config import (
+    check_protocol,
     config_dir,
     format_table,
     instantiate_callbacks,
@@ -44,16 +45,23 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
 
 
-def _resolve_fold_shot(cfg: DictConfig, meta: dict[str, Any]) -> None:
-    """Fill ``cfg.fold`` / ``cfg.shot`` from the checkpoint's run info when null."""
+def _resolve_from_checkpoint(cfg: DictConfig, meta: dict[str, Any]) -> None:
+    """Fill null ``cfg.fold`` / ``cfg.shot`` / ``cfg.protocol`` from the checkpoint's run info
+    (else 0, 1, "bam"); warn where the evaluation departs from the training run."""
     with open_dict(cfg):
-        for key, default in (("fold", 0), ("shot", 1)):
+        for key, default in (("fold", 0), ("shot", 1), ("protocol", "bam")):
             if cfg[key] is None:
-                cfg[key] = int(meta.get(key, default))
+                cfg[key] = type(default)(meta.get(key, default))
     if "fold" in meta and int(cfg.fold) != int(meta["fold"]):
         warnings.warn(
             f"testing fold {cfg.fold} with a checkpoint trained on fold {meta['fold']}: "
             "its novel classes were not held out",
+            stacklevel=2,
+        )
+    if "protocol" in meta and cfg.protocol != meta["protocol"]:
+        warnings.warn(
+            f"testing under protocol {cfg.protocol!r} a checkpoint trained under "
+            f"{meta['protocol']!r} (training images, augmentation and sizes differ)",
             stacklevel=2,
         )
 
@@ -111,7 +119,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "nothing to evaluate: pass ckpt_path=<checkpoint> (from cgmgm.train), or "
             "model=training_free for the model without trained parameters"
         )
-    _resolve_fold_shot(cfg, meta)
+    _resolve_from_checkpoint(cfg, meta)
+    if cfg.get("test_seed") is not None:
+        raise ValueError(
+            "cgmgm.eval runs one test per seed of eval.seeds; set eval.seeds=[S] instead of "
+            "test_seed"
+        )
     seeds = cfg.eval.seeds
     seeds = list(get_protocol(cfg.protocol).seeds) if seeds is None else [int(s) for s in seeds]
     if not seeds:
@@ -120,6 +133,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.dataset, test_seed=seeds[0])
+    check_protocol(cfg, datamodule)
     module = build_module(cfg, datamodule.classes, class_names_of(datamodule))
     model_cfg = module.hparams.model
     loggers = instantiate_loggers(cfg.get("logger"))
@@ -129,7 +143,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     try:
         per_seed = {}
         for seed in seeds:
-            dm = datamodule if seed == seeds[0] else instantiate(cfg.dataset, test_seed=seed)
+            if seed == seeds[0]:
+                dm = datamodule
+            else:  # the same data module, another episode seed ("auto" sizes read once)
+                size = (
+                    {"original_size": datamodule.original_size} if datamodule.original_size else {}
+                )
+                dm = instantiate(cfg.dataset, test_seed=seed, **size)
             results = trainer.test(module, datamodule=dm, verbose=False)[0]
             per_seed[seed] = {k: float(v) for k, v in results.items() if "IoU" in k}
         metrics = aggregate(per_seed)

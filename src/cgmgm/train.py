@@ -26,6 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from cgmgm.config import (
+    check_protocol,
     config_dir,
     format_table,
     instantiate_callbacks,
@@ -72,6 +73,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.dataset)
+    check_protocol(cfg, datamodule)
     info = run_info(cfg)
     module = LitCGMGM(
         model=to_plain(cfg.model),

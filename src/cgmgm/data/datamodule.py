@@ -119,10 +119,6 @@ def _plain(x: Any) -> Any:
     return x
 
 
-def _default(value: bool | None, fallback: bool) -> bool:
-    return bool(fallback if value is None else value)
-
-
 class EpisodicDataModule(L.LightningDataModule):
     """Episodic train/val/test loaders on one fold, under one evaluation protocol.
 
@@ -144,8 +140,9 @@ class EpisodicDataModule(L.LightningDataModule):
         test_episodes: episodes per test run (None: the protocol's count for this dataset,
             else 1000).
         train_split, eval_split: image splits of the source for training and val/test.
-        filter_novel, class_balanced: see :class:`EpisodeDataset` (None: the protocol's,
-            else True).
+        filter_novel: BAM's training-image filter (None: the protocol's, else True).
+        sampling: "class", "image" or "pair", how episodes pick class and query (see
+            :class:`EpisodeDataset`; None: the protocol's for this dataset, else "class").
         resample_train: new training episodes every epoch (see :class:`EpisodeSampler`).
         train_transform, eval_transform: per-image numpy transforms; "protocol" (default)
             for the protocol's (BAM augmentation / test-time resize; none without a
@@ -183,7 +180,7 @@ class EpisodicDataModule(L.LightningDataModule):
         train_split: str = "train",
         eval_split: str = "val",
         filter_novel: bool | None = None,
-        class_balanced: bool | None = None,
+        sampling: str | None = None,
         resample_train: bool = True,
         pin_memory: bool = False,
         train_transform: Transform | str | None = "protocol",
@@ -214,8 +211,12 @@ class EpisodicDataModule(L.LightningDataModule):
             test_episodes = p.episodes(name) if p is not None else 1000
         self.test_episodes = int(test_episodes)
         self.train_split, self.eval_split = train_split, eval_split
-        self.filter_novel = _default(filter_novel, p.filter_novel if p else True)
-        self.class_balanced = _default(class_balanced, p.balanced(name) if p else True)
+        if filter_novel is None:
+            filter_novel = p.filter_novel if p is not None else True
+        self.filter_novel = bool(filter_novel)
+        if sampling is None:
+            sampling = p.sampling_for(name) if p is not None else "class"
+        self.sampling = str(sampling)
         self.resample_train = bool(resample_train)
         self.pin_memory = bool(pin_memory)
         self.train_transform = self._transform(train_transform, "train", name)
@@ -224,8 +225,9 @@ class EpisodicDataModule(L.LightningDataModule):
         self.train_classes = _plain(train_classes)
         self.original_size: int | None = None
         self._original_spec = original_size
-        if p is not None and not p.score_at_original:
-            self._original_spec = None  # HSNet scores at test size
+        if p is not None and (not p.score_at_original or self.eval_transform is None):
+            # HSNet scores at test size; without a test resize query_mask is the original label
+            self._original_spec = None
         elif p is not None and self.eval_transform is not None and original_size is None:
             raise ValueError(
                 f"protocol {p.name!r} scores at original size and resizes the test images,"
@@ -285,7 +287,7 @@ class EpisodicDataModule(L.LightningDataModule):
             num_folds=self.num_folds,
             transform=transform,
             filter_novel=self.filter_novel,
-            class_balanced=self.class_balanced,
+            sampling=self.sampling,
             classes=self._resolve_classes(spec, src),
             original_size=None if split == "train" else self._resolve_original_size(),
         )

@@ -29,6 +29,7 @@ __all__ = [
 ]
 
 IGNORE_INDEX = 255
+SAMPLING = ("class", "image", "pair")  # episode sampling modes, see EpisodeDataset
 # PASCAL-5i counts a class in an image with >= 2*32*32 pixels; a typical VOC image is 500x375.
 _PASCAL_MIN_PIXELS = 2 * 32 * 32
 _PASCAL_AREA = 500 * 375
@@ -210,9 +211,12 @@ class EpisodeDataset(Dataset):
             each image before binarisation. It must return equal sizes across an episode's
             images for batching; if random, it draws from its own RNG.
         filter_novel: BAM's training-image filter (ignored for split="test").
-        class_balanced: pick the class uniformly, then the query among its images; otherwise
-            pick a (query image, class) pair uniformly (PFENet/BAM style, class frequency
-            follows image frequency).
+        sampling: how an episode picks its class and query (test protocols differ here):
+            "class" draws the class uniformly, then the query among its images (HSNet COCO);
+            "image" draws the query uniformly among the images holding a sampled class,
+            then the class uniformly among that image's (BAM, PFENet: they walk their image
+            list and pick one of the image's classes); "pair" draws an (image, class) pair
+            uniformly (HSNet PASCAL, whose test list holds one entry per pair).
         original_size: if set to S, episodes also hold the query's binarised label *before*
             ``transform`` (for scoring at original size, BAM/PFENet ``ori_resize``):
             ``query_mask_orig`` [S, S] long, the [H, W] label in the top-left corner and 255
@@ -239,7 +243,7 @@ class EpisodeDataset(Dataset):
         classes: Sequence[int] | None = None,
         transform: Transform | None = None,
         filter_novel: bool = True,
-        class_balanced: bool = True,
+        sampling: str = "class",
         original_size: int | None = None,
     ) -> None:
         if split not in ("train", "test"):
@@ -252,7 +256,9 @@ class EpisodeDataset(Dataset):
         self.fold, self.shot, self.split = int(fold), int(shot), split
         self.seed = int(seed)
         self.transform = transform
-        self.class_balanced = bool(class_balanced)
+        if sampling not in SAMPLING:
+            raise ValueError(f"sampling must be one of {SAMPLING}, got {sampling!r}")
+        self.sampling = sampling
         self.original_size = None if original_size is None else int(original_size)
         n_cls = int(source.num_classes)
         self.novel = source_novel_classes(source, self.fold, num_folds, fold_scheme)
@@ -296,8 +302,13 @@ class EpisodeDataset(Dataset):
         self._pairs = np.asarray(
             [(i, c) for c in self.classes for i in self.class_images[c]], dtype=np.int64
         ).reshape(-1, 2)
+        # the images holding a sampled class, and the row range of each in the image-sorted
+        # pairs: image k's classes are _by_image[_starts[k]:_starts[k + 1], 1]
+        self._by_image = self._pairs[np.lexsort((self._pairs[:, 1], self._pairs[:, 0]))]
+        self._images, first = np.unique(self._by_image[:, 0], return_index=True)
+        self._starts = np.append(first, len(self._by_image))
         # None: one episode per query image, as BAM/PFENet epochs walk their image list
-        n = len(np.unique(self._pairs[:, 0])) if num_episodes is None else num_episodes
+        n = len(self._images) if num_episodes is None else num_episodes
         self.num_episodes = int(n)
 
     def __len__(self) -> int:
@@ -314,13 +325,16 @@ class EpisodeDataset(Dataset):
         if int(index) < 0:
             raise IndexError(f"episode index must be >= 0, got {index}")
         rng = self.rng(index)
-        if self.class_balanced:
+        if self.sampling == "class":
             cls = self.classes[int(rng.integers(len(self.classes)))]
-            images = self.class_images[cls]
-            query = int(images[rng.integers(len(images))])
-        else:
+            query = int(self.class_images[cls][rng.integers(len(self.class_images[cls]))])
+        elif self.sampling == "image":
+            k = int(rng.integers(len(self._images)))
+            lo, hi = self._starts[k], self._starts[k + 1]
+            query, cls = int(self._images[k]), int(self._by_image[lo + rng.integers(hi - lo), 1])
+        else:  # "pair"
             query, cls = (int(x) for x in self._pairs[rng.integers(len(self._pairs))])
-            images = self.class_images[cls]
+        images = self.class_images[cls]
         others = images[images != query]
         support = rng.choice(others, size=self.shot, replace=False)
         return cls, query, [int(s) for s in support]

@@ -84,9 +84,10 @@ class Protocol:
         score_at_original: score the prediction against the original-size label (True) or
             against the resized label (HSNet default).
         train_augment: BAM/PFENet augmentation for training (False: HSNet's plain squash).
-        class_balanced: episode class drawn uniformly (True) or following image frequency
-            (False: BAM/PFENet iterate over the image list, HSNet-PASCAL over (image, class)
-            pairs), by dataset.
+        sampling: how test episodes pick class and query, by dataset (see
+            :class:`~cgmgm.data.episodes.EpisodeDataset`): "image" (BAM/PFENet walk their
+            image list and pick one of the image's classes), "pair" (HSNet PASCAL: one
+            entry per (image, class)), "class" (HSNet COCO: class first).
         references: the files the facts come from.
     """
 
@@ -98,7 +99,7 @@ class Protocol:
     test_size: Mapping[str, int]
     score_at_original: bool
     train_augment: bool
-    class_balanced: Mapping[str, bool] = field(default_factory=lambda: {"default": False})
+    sampling: Mapping[str, str] = field(default_factory=lambda: {"default": "image"})
     references: tuple[str, ...] = ()
 
     def _pick(self, table: Mapping[str, Any], dataset: str) -> Any:
@@ -112,9 +113,9 @@ class Protocol:
         """Test size (and training crop) for ``dataset``."""
         return int(self._pick(self.test_size, dataset))
 
-    def balanced(self, dataset: str) -> bool:
-        """Whether episodes draw their class uniformly on ``dataset``."""
-        return bool(self._pick(self.class_balanced, dataset))
+    def sampling_for(self, dataset: str) -> str:
+        """How episodes pick class and query on ``dataset``."""
+        return str(self._pick(self.sampling, dataset))
 
     def eval_transform(self, dataset: str) -> Transform:
         """The test-time resize for ``dataset`` (applied to query and supports alike)."""
@@ -134,6 +135,7 @@ class Protocol:
             "filter_novel": self.filter_novel,
             "seeds": list(self.seeds),
             "test_episodes": dict(self.test_episodes),
+            "sampling": dict(self.sampling),
             "resize": self.resize,
             "test_size": dict(self.test_size),
             "score_at_original": self.score_at_original,
@@ -186,7 +188,7 @@ PROTOCOLS: dict[str, Protocol] = {
         test_size={"default": 400},
         score_at_original=False,
         train_augment=False,
-        class_balanced={"coco": True, "default": False},
+        sampling={"coco": "class", "default": "pair"},
         references=(
             "juhongm999/hsnet test.py",
             "juhongm999/hsnet data/dataset.py",
