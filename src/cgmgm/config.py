@@ -22,6 +22,8 @@ __all__ = [
     "instantiate_callbacks",
     "instantiate_loggers",
     "protocol_record",
+    "report",
+    "run_info",
     "to_plain",
     "write_metrics",
 ]
@@ -71,6 +73,37 @@ def instantiate_loggers(cfg: Mapping[str, Any] | None) -> list[Any]:
 def instantiate_callbacks(cfg: Mapping[str, Any] | None) -> list[Any]:
     """Callbacks of the ``callbacks`` group (``{name: node}``; null entries are dropped)."""
     return _instantiate_named(cfg, "callback")
+
+
+def run_info(cfg: Any, model: Mapping[str, Any], backbone: Mapping[str, Any]) -> dict[str, Any]:
+    """Plain description of a run (checkpoints' ``meta`` and metrics.json): the run's data
+    settings from ``cfg`` and the switches of the ``model`` / ``backbone`` configs tested."""
+    gmm = model.get("gmm") or {}
+    return {
+        "dataset": str(cfg.dataset.get("dataset", "")),
+        "protocol": str(cfg.protocol),
+        "fold": int(cfg.fold),
+        "shot": int(cfg.shot),
+        "seed": int(cfg.seed),
+        "backbone": str(backbone["name"]),
+        "guidance": model.get("guidance", "gmm"),
+        "components": gmm.get("components"),
+        "covariance": gmm.get("covariance"),
+        "img": model.get("img"),
+        "imr": model.get("imr"),
+        "training_free": bool(model.get("training_free", False)),
+    }
+
+
+def report(
+    path: Path, metrics: Mapping[str, Any], module: Any, title: str = "", **table: Any
+) -> None:
+    """Write ``metrics`` to ``path`` (JSON) and print the per-class table under ``title``
+    (``table``: extra :func:`format_table` options, e.g. ``std_suffix``)."""
+    write_metrics(path, metrics)
+    print(f"\n{title}\n" if title else "\n", end="")
+    print(format_table(metrics, module.class_ids, module.class_names, **table))
+    print(f"metrics: {path}")
 
 
 def check_protocol(cfg: Any, datamodule: Any) -> None:

@@ -28,12 +28,12 @@ from omegaconf import DictConfig, open_dict
 from cgmgm.config import (
     check_protocol,
     config_dir,
-    format_table,
     instantiate_callbacks,
     instantiate_loggers,
     protocol_record,
+    report,
+    run_info,
     to_plain,
-    write_metrics,
 )
 from cgmgm.data.protocols import get_protocol
 from cgmgm.lit import LitCGMGM, class_names_of
@@ -135,7 +135,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.dataset, test_seed=seeds[0])
     check_protocol(cfg, datamodule)
     module = build_module(cfg, datamodule.classes, class_names_of(datamodule))
-    model_cfg = module.hparams.model
     loggers = instantiate_loggers(cfg.get("logger"))
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
@@ -153,32 +152,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             results = trainer.test(module, datamodule=dm, verbose=False)[0]
             per_seed[seed] = {k: float(v) for k, v in results.items() if "IoU" in k}
         metrics = aggregate(per_seed)
-        metrics.update(
-            {
-                "dataset": str(cfg.dataset.get("dataset", "")),
-                **protocol_record(datamodule),
-                "fold": int(cfg.fold),
-                "shot": int(cfg.shot),
-                "seeds": seeds,
-                "backbone": str(module.hparams.backbone["name"]),
-                "guidance": model_cfg.get("guidance", "gmm"),
-                "components": (model_cfg.get("gmm") or {}).get("components"),
-                "covariance": (model_cfg.get("gmm") or {}).get("covariance"),
-                "training_free": bool(model_cfg.get("training_free", False)),
-                "ckpt_path": str(cfg.ckpt_path) if cfg.ckpt_path else None,
-                "wall_time_s": round(time.perf_counter() - start, 1),
-            }
-        )
+        metrics.update(run_info(cfg, module.hparams.model, module.hparams.backbone))
+        metrics.update(protocol_record(datamodule))
+        metrics["seeds"] = seeds
+        metrics["ckpt_path"] = str(cfg.ckpt_path) if cfg.ckpt_path else None
+        metrics["wall_time_s"] = round(time.perf_counter() - start, 1)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(
                     {k: v for k, v in metrics.items() if isinstance(v, float)}, step=0
                 )
                 logger.save()
-            write_metrics(out_dir / "metrics.json", metrics)
-            table = format_table(metrics, module.class_ids, module.class_names, std_suffix="_std")
-            print(f"\n{len(seeds)} seed(s) {seeds}: mean ± std\n{table}")
-            print(f"metrics: {out_dir / 'metrics.json'}")
+            title = f"{len(seeds)} seed(s) {seeds}: mean ± std"
+            report(out_dir / "metrics.json", metrics, module, title=title, std_suffix="_std")
         failed = False
     finally:
         finish_loggers(failed)

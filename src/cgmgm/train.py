@@ -28,34 +28,15 @@ from omegaconf import DictConfig
 from cgmgm.config import (
     check_protocol,
     config_dir,
-    format_table,
     instantiate_callbacks,
     instantiate_loggers,
     protocol_record,
+    report,
+    run_info,
     to_plain,
-    write_metrics,
 )
 from cgmgm.lit import LitCGMGM, class_names_of
 from cgmgm.loggers import finish_loggers
-
-
-def run_info(cfg: DictConfig) -> dict[str, Any]:
-    """Plain description of a run, stored in checkpoints and metrics.json."""
-    model = to_plain(cfg.model)
-    return {
-        "dataset": str(cfg.dataset.get("dataset", "")),
-        "protocol": str(cfg.protocol),
-        "fold": int(cfg.fold),
-        "shot": int(cfg.shot),
-        "seed": int(cfg.seed),
-        "backbone": str(cfg.backbone.name),
-        "guidance": model["guidance"],
-        "components": model["gmm"]["components"],
-        "covariance": model["gmm"]["covariance"],
-        "img": model["img"],
-        "imr": model["imr"],
-        "training_free": model["training_free"],
-    }
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -74,7 +55,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.dataset)
     check_protocol(cfg, datamodule)
-    info = run_info(cfg)
+    info = run_info(cfg, to_plain(cfg.model), to_plain(cfg.backbone))
     module = LitCGMGM(
         model=to_plain(cfg.model),
         backbone=to_plain(cfg.backbone),
@@ -104,9 +85,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             metrics["val/mIoU_best"] = float(best.best_model_score)
         metrics["wall_time_s"] = round(time.perf_counter() - start, 1)
         if trainer.is_global_zero:
-            write_metrics(out_dir / "metrics.json", metrics)
-            print(f"\n{format_table(metrics, module.class_ids, module.class_names)}")
-            print(f"metrics: {out_dir / 'metrics.json'}")
+            report(out_dir / "metrics.json", metrics, module)
         failed = False
     finally:
         finish_loggers(failed)
