@@ -36,11 +36,15 @@ def test_defaults_have_the_documented_keys(tmp_path):
     assert (cfg.fold, cfg.shot, cfg.seed) == (0, 1, 0)
     assert cfg.backbone.name == "efficientnet_lite0"
     assert cfg.model.guidance == "gmm" and not cfg.model.training_free
-    for key in ("img", "imr", "threshold", "gmm.components", "gmm.covariance", "gmm.iters"):
+    # the main job is the paper's full model: IMG, IMR, C&Q, M = 3, diag
+    assert (cfg.model.img, cfg.model.imr, cfg.model.gmm.components) == (True, True, 3)
+    assert (cfg.model.gmm.covariance, cfg.model.proj_dim, cfg.model.kshot) == ("diag", 256, "mean")
+    for key in ("threshold", "gmm.iters", "gmm.grad", "gmm.reg_covar"):
         assert OmegaConf.select(cfg.model, key) is not None, key
     assert (cfg.optim.new_layer_lr_mult, cfg.optim.momentum) == (10, 0.9)
     assert cfg.optim.weight_decay == pytest.approx(1e-4) and cfg.optim.schedule == "poly"
-    assert cfg.optim.lr == pytest.approx(0.02)  # the embedded benchmark's budget (BAM: 0.005)
+    assert cfg.optim.lr == pytest.approx(0.02)  # the embedded benchmark's recipe (BAM: 0.005)
+    assert cfg.trainer.max_epochs == 3
     assert list(cfg.logger) == ["csv"]
     cfg = _compose("train", ["fold=2", "shot=5", "seed=7"], tmp_path)
     assert (cfg.dataset.fold, cfg.dataset.shot, cfg.dataset.seed) == (2, 5, 7)
@@ -120,3 +124,70 @@ def test_wheel_install_composes_from_any_directory(tmp_path):
     cfg = OmegaConf.create(job.stdout)
     assert (cfg.fold, cfg.shot, cfg.dataset.fold, cfg.dataset.shot) == (2, 5, 2, 5)
     assert cfg.model.gmm.covariance == "diag"
+
+
+def _yaml(path: Path) -> dict:
+    return OmegaConf.to_container(OmegaConf.load(path))
+
+
+def _expected_model(option: str, recipe: dict) -> dict:
+    """conf/model/<option>.yaml read by hand: its `defaults` parent first, then itself, with
+    the recipe's components where the file defers to it."""
+    own = _yaml(CONF / "model" / f"{option}.yaml")
+    parents = [d for d in own.pop("defaults", []) if d != "_self_"]
+    out: dict = {}
+    for parent in parents:
+        out = _expected_model(parent, recipe)
+    gmm = {**out.get("gmm", {}), **own.pop("gmm", {})}
+    out = {**out, **own, "gmm": gmm}
+    if gmm.get("components") == "${recipe.components}":
+        gmm["components"] = recipe["components"]
+    return out
+
+
+def test_dataset_configs_describe_data_and_recipe_only():
+    recipe_keys = set(_yaml(CONF / "recipe" / "default.yaml"))
+    for path in sorted((CONF / "dataset").glob("*.yaml")):
+        raw = _yaml(path)
+        assert set(raw) <= {"dataset", "recipe", "defaults"}, f"{path.name} sets {sorted(raw)}"
+        for parent in raw.get("defaults", []):  # only another dataset config may be inherited
+            assert parent == "_self_" or (CONF / "dataset" / f"{parent}.yaml").is_file(), parent
+        assert set(raw.get("recipe", {})) <= recipe_keys, path.name
+
+
+DATASETS = sorted(p.stem for p in (CONF / "dataset").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_the_resolved_model_is_what_was_asked(dataset, tmp_path):
+    recipe = {
+        **_yaml(CONF / "recipe" / "default.yaml"),
+        **_yaml(CONF / "dataset" / f"{dataset}.yaml").get("recipe", {}),
+    }
+    for model in MODELS:
+        cfg = _compose("train", [f"dataset={dataset}", f"model={model}"], tmp_path)
+        got = OmegaConf.to_container(cfg.model, resolve=True)
+        assert got == _expected_model(model, recipe), (dataset, model)
+        assert cfg.trainer.max_epochs == recipe["epochs"]
+        assert cfg.optim.lr == pytest.approx(recipe["lr"])
+        # the user's keys always win over the dataset's recipe and the model's defaults
+        user = [
+            "model.img=false",
+            "model.imr=false",
+            "model.gmm.components=5",
+            "model.proj_dim=64",
+            "optim.lr=0.3",
+            "trainer.max_epochs=7",
+        ]
+        cfg = _compose("train", [f"dataset={dataset}", f"model={model}", *user], tmp_path)
+        assert (cfg.model.img, cfg.model.imr, cfg.model.gmm.components) == (False, False, 5)
+        assert (cfg.model.proj_dim, cfg.optim.lr, cfg.trainer.max_epochs) == (64, 0.3, 7)
+
+
+def test_paper_recipes_ride_with_their_datasets(tmp_path):
+    coco = _compose("train", ["dataset=coco"], tmp_path)
+    assert (coco.model.gmm.components, coco.trainer.max_epochs) == (6, 50)
+    pascal = _compose("train", ["dataset=pascal"], tmp_path)
+    assert (pascal.model.gmm.components, pascal.trainer.max_epochs) == (3, 200)
+    assert pascal.optim.lr == pytest.approx(0.005)

@@ -145,7 +145,9 @@ def test_image_frequency_sampling(val):
         ds = EpisodeDataset(val, 2, 1, "test", 100, seed=0, sampling=sampling)
         for i in range(100):
             cls, q, sup = ds.sample(i)
-            assert cls in ds.classes and cls in val.classes_in(q) and q not in sup
+            held = val.labels_in(q) if sampling == "image" else val.classes_in(q)
+            assert cls in ds.classes and cls in held and q not in sup
+            assert all(cls in val.classes_in(s) for s in sup)  # supports: the pixel rule
     with pytest.raises(ValueError, match="sampling must be one of"):
         EpisodeDataset(val, 2, 1, "test", 10, sampling="balanced")
 
@@ -169,6 +171,23 @@ def test_sampling_modes_follow_their_distributions(sampling, p_query0, p_class1)
     draws = np.array([ds.sample(i)[:2] for i in range(4000)])  # [N, 2] (class, query)
     assert np.mean(draws[:, 1] == 0) == pytest.approx(p_query0, abs=0.03)
     assert np.mean(draws[:, 0] == 1) == pytest.approx(p_class1, abs=0.03)
+
+
+def test_image_sampling_draws_the_query_class_as_bam():
+    # BAM walks the images holding a class with the minimum pixel count, then draws the query's
+    # class among every sampled class present in it with any pixel count; only the supports
+    # need the minimum. Image 0: 16 px of class 1, 2 px of class 2 (below min_pixels = 4).
+    first = _mask((1, slice(0, 2)))
+    first[7, :2] = 2
+    masks = [first] + [_mask((1, slice(0, 2)))] * 2 + [_mask((2, slice(0, 2)))] * 2
+    ds = EpisodeDataset(TinySource(masks), 0, 1, "test", 3000, classes=[1, 2], sampling="image")
+    draws = np.array([ds.sample(i)[:2] for i in range(3000)])  # [N, 2] (class, query)
+    on_first = draws[draws[:, 1] == 0, 0]
+    assert len(on_first) == pytest.approx(3000 / 5, rel=0.15)  # image 0 is one of 5 queries
+    assert np.mean(on_first == 2) == pytest.approx(0.5, abs=0.06)  # its 2-px class: half
+    for i in range(3000):
+        cls, q, sup = ds.sample(i)
+        assert all(s != q and cls in ds.source.classes_in(s) for s in sup)
 
 
 def test_target_mapping_and_ignore():

@@ -3,8 +3,10 @@
 import pytest
 import torch
 
+from _model_helpers import make_model
+
 from cgmgm.models.backbone import build_backbone
-from cgmgm.models.cgmgm import CGMGM, mask_fractions
+from cgmgm.models.cgmgm import mask_fractions
 
 
 def _episode(b=2, k=1, h=64, w=48, seed=0):
@@ -20,7 +22,7 @@ def _episode(b=2, k=1, h=64, w=48, seed=0):
 @pytest.mark.parametrize("shots", [1, 5])
 @pytest.mark.parametrize("guidance", ["gmm", "cosine"])
 def test_output_shapes(tiny_backbone, shots, guidance):
-    model = CGMGM(tiny_backbone, guidance=guidance, proj_dim=32, em_iters=3)
+    model = make_model(tiny_backbone, guidance=guidance, proj_dim=32, em_iters=3)
     q, s, m = _episode(k=shots)
     out = model(q, s, m)
     assert out["logits"].shape == (2, 2, 64, 48)
@@ -31,7 +33,7 @@ def test_output_shapes(tiny_backbone, shots, guidance):
 
 
 def test_real_backbone_5_shot_shapes():
-    model = CGMGM(build_backbone("efficientnet_lite0", weights="imagenet"), em_iters=2)
+    model = make_model(build_backbone("efficientnet_lite0", weights="imagenet"), em_iters=2)
     q, s, m = _episode(b=1, k=5, h=97, w=65)
     out = model(q, s, m)
     assert out["logits"].shape == (1, 2, 97, 65)
@@ -39,7 +41,7 @@ def test_real_backbone_5_shot_shapes():
 
 
 def test_gradient_reaches_projection_through_the_posterior(tiny_backbone):
-    model = CGMGM(tiny_backbone, proj_dim=16, em_iters=3)
+    model = make_model(tiny_backbone, proj_dim=16, em_iters=3)
     q, s, m = _episode()
     out = model(q, s, m)
     out["posterior"].sum().backward()  # only the GMM path: IMGR masks are not differentiable
@@ -49,20 +51,20 @@ def test_gradient_reaches_projection_through_the_posterior(tiny_backbone):
 
 
 def test_gmm_grad_switch_cuts_the_posterior_path(tiny_backbone):
-    model = CGMGM(tiny_backbone, proj_dim=16, em_iters=3, gmm_grad=False)
+    model = make_model(tiny_backbone, proj_dim=16, em_iters=3, gmm_grad=False)
     q, s, m = _episode()
     out = model(q, s, m)
     # with gmm_grad off the mixture is a constant; the posterior still depends on the query
     # features, so the projection gets gradient only through them
     out["posterior"].sum().backward()
-    with_grad = CGMGM(tiny_backbone, proj_dim=16, em_iters=3)
+    with_grad = make_model(tiny_backbone, proj_dim=16, em_iters=3)
     with_grad.load_state_dict(model.state_dict())
     with_grad(q, s, m)["posterior"].sum().backward()
     assert not torch.allclose(model.proj[0].weight.grad, with_grad.proj[0].weight.grad)
 
 
 def test_training_free_has_no_parameters_and_predicts_the_posterior(tiny_backbone):
-    model = CGMGM(tiny_backbone, training_free=True, em_iters=3)
+    model = make_model(tiny_backbone, training_free=True, em_iters=3)
     assert model.trainable_parameters() == []
     q, s, m = _episode()
     out = model(q, s, m)
@@ -72,7 +74,7 @@ def test_training_free_has_no_parameters_and_predicts_the_posterior(tiny_backbon
 
 
 def test_empty_support_mask_is_finite(tiny_backbone):
-    model = CGMGM(tiny_backbone, proj_dim=16, em_iters=3)
+    model = make_model(tiny_backbone, proj_dim=16, em_iters=3)
     q, s, m = _episode()
     m[:] = 0
     out = model(q, s, m)
@@ -82,7 +84,7 @@ def test_empty_support_mask_is_finite(tiny_backbone):
 @pytest.mark.parametrize("img,imr", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("cov,components", [("diag", 1), ("full", 2), ("diag", 6)])
 def test_ablation_switches_run(tiny_backbone, img, imr, cov, components):
-    model = CGMGM(
+    model = make_model(
         tiny_backbone,
         img=img,
         imr=imr,
@@ -99,11 +101,11 @@ def test_ablation_switches_run(tiny_backbone, img, imr, cov, components):
 
 def test_bad_switches_are_refused(tiny_backbone):
     with pytest.raises(ValueError, match="guidance"):
-        CGMGM(tiny_backbone, guidance="prototype")
+        make_model(tiny_backbone, guidance="prototype")
     with pytest.raises(ValueError, match="covariance"):
-        CGMGM(tiny_backbone, covariance="spherical")
+        make_model(tiny_backbone, covariance="spherical")
     with pytest.raises(ValueError, match="imr=True needs img=True"):
-        CGMGM(tiny_backbone, img=False, imr=True)
+        make_model(tiny_backbone, img=False, imr=True)
 
 
 def test_mask_fractions_count_ignore_for_neither():
@@ -111,3 +113,92 @@ def test_mask_fractions_count_ignore_for_neither():
     fg, bg = mask_fractions(m, (1, 2))
     torch.testing.assert_close(fg, torch.tensor([[0.75, 0.0]]))
     torch.testing.assert_close(bg, torch.tensor([[0.25, 0.5]]))
+
+
+class CellBackbone(torch.nn.Module):
+    """Per-cell features (no spatial mixing across 8x8 cells): mid = the cell's mean colour and
+    its squares, high = a fixed signed mix of them. A cell's features depend on its own pixels
+    only, so padding can reach a cell only through the model's fits and normalisations."""
+
+    mid_channels, high_channels = 6, 6
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.register_buffer("mix", torch.randn(6, 6, generator=g))
+
+    def forward(self, x):
+        cell = torch.nn.functional.avg_pool2d(x, 8, ceil_mode=True)  # [B, 3, h, w]
+        mid = torch.cat([cell, cell**2], 1)  # [B, 6, h, w]
+        high = torch.einsum("oc,bchw->bohw", self.mix, mid - 0.3)  # signed
+        return mid, high
+
+
+def _scene(fg_rgb, bg_rgb, box, h=64, w=64, noise=0.02, seed=0):
+    """An image [3, H, W] of one colour box on a plain background, with its mask [H, W]."""
+    g = torch.Generator().manual_seed(seed)
+    img = torch.tensor(bg_rgb).view(3, 1, 1).expand(3, h, w).clone()
+    y0, y1, x0, x1 = box
+    img[:, y0:y1, x0:x1] = torch.tensor(fg_rgb).view(3, 1, 1)
+    img = (img + noise * torch.randn(3, h, w, generator=g)).clamp(0, 1)
+    mask = torch.zeros(h, w, dtype=torch.long)
+    mask[y0:y1, x0:x1] = 1
+    return img, mask
+
+
+@pytest.mark.parametrize("img", [False, True])
+def test_training_free_posterior_finds_a_separable_object(img):
+    # support: a red box on blue; query: a red box elsewhere on blue with a grey strip. The
+    # posterior must segment the query's box (argmax of the posterior = the prediction).
+    s_img, s_mask = _scene((0.9, 0.1, 0.1), (0.1, 0.1, 0.9), (8, 40, 8, 40))
+    q_img, q_mask = _scene((0.9, 0.1, 0.1), (0.1, 0.1, 0.9), (24, 56, 32, 64), seed=1)
+    q_img[:, :8, :] = 0.5  # a grey strip the support never shows
+    model = make_model(CellBackbone(), training_free=True, img=img, imr=img).eval()
+    out = model(q_img[None], s_img[None, None], s_mask[None, None])
+    pred = out["logits"].argmax(1)[0]
+    iou = ((pred == 1) & (q_mask == 1)).sum() / ((pred == 1) | (q_mask == 1)).sum()
+    assert iou > 0.95
+    assert out["posterior"][0, 0, 4, 6] > 0.99 and out["posterior"][0, 0, 4, 1] < 0.01
+
+
+def test_padding_enters_no_fit_and_no_normalisation():
+    # The same query content, padded on the right with two different fillings: with
+    # query_valid every map inside the image is identical; without it they differ.
+    s_img, s_mask = _scene((0.9, 0.1, 0.1), (0.1, 0.6, 0.2), (8, 40, 8, 40))
+    q_img, _ = _scene((0.9, 0.1, 0.1), (0.2, 0.2, 0.7), (16, 48, 8, 32), seed=1)
+    valid = torch.ones(1, 64, 64)
+    valid[:, :, 40:] = 0
+    pads = []
+    for fill in ((0.0, 0.0, 0.0), (0.9, 0.1, 0.1)):  # black, and the object's own colour
+        q = q_img.clone()
+        q[:, :, 40:] = torch.tensor(fill).view(3, 1, 1)
+        pads.append(q[None])
+    model = make_model(CellBackbone(), training_free=True).eval()
+    keys = ("cosine_prior", "coarse_mask", "initial_mask", "posterior", "log_likelihood")
+    with_valid = [model(q, s_img[None, None], s_mask[None, None], valid) for q in pads]
+    for key in keys:
+        a, b = (o[key][..., :5] for o in with_valid)  # cells 0-4 are inside the image
+        torch.testing.assert_close(a, b, msg=key)
+        if key in ("cosine_prior", "coarse_mask", "initial_mask"):
+            assert (with_valid[0][key][..., 5:] == 0).all(), key
+    without = [model(q, s_img[None, None], s_mask[None, None]) for q in pads]
+    for key in ("cosine_prior", "log_likelihood"):  # the padding moves both without query_valid
+        assert not torch.allclose(without[0][key][..., :5], without[1][key][..., :5]), key
+
+
+@pytest.mark.parametrize("kshot", ["mean", "pool"])
+def test_kshot_prototype_is_per_shot_then_averaged(kshot):
+    from cgmgm.models.cgmgm import masked_average
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(1, 2, 4, 3, 3, generator=g)
+    w = torch.zeros(1, 2, 3, 3)
+    w[0, 0, 0, 0] = 1.0  # shot 0: one pixel
+    w[0, 1] = 1.0  # shot 1: all nine pixels
+    got = masked_average(feats, w, kshot)[0]
+    shot0, shot1 = feats[0, 0, :, 0, 0], feats[0, 1].mean((1, 2))
+    if kshot == "mean":
+        want = (shot0 + shot1) / 2
+    else:
+        want = (shot0 + feats[0, 1].sum((1, 2))) / 10
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

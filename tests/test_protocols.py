@@ -47,11 +47,12 @@ def test_pad_resize_matches_bam_geometry():
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)
     mask = rng.choice(np.array([0, 3, 255], np.uint8), size=(375, 500))
-    out_img, out_mask = t(img, mask)
+    out_img, out_mask, valid = t(img, mask)
     assert t.content_size(375, 500) == (352, 472)  # int(354.75) = 354 -> 352; 473 -> 472
     assert out_img.shape == (473, 473, 3) and out_mask.shape == (473, 473)
     assert (out_mask[352:] == 255).all() and (out_mask[:, 472:] == 255).all()
     assert (out_img[352:] == 0).all()
+    assert valid[:352, :472].all() and valid[352:].sum() == 0 and valid[:, 472:].sum() == 0
     assert set(np.unique(out_mask)) <= {0, 3, 255}
     assert t.content_size(500, 100) == (472, 88)  # int(94.6) = 94 -> 88
     s_img, s_mask = SquashResize(400)(img, mask)
@@ -76,12 +77,13 @@ def test_bam_augmentation_keeps_class_ids_and_ignore():
         h, w = (int(v) for v in rng.integers(60, 140, 2))
         mask = _blocks(h, w, k)
         img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        out_img, out_mask = t(img, mask)
+        out_img, out_mask, valid = t(img, mask)
         assert out_img.shape == (96, 96, 3) and out_img.dtype == np.uint8
         assert out_mask.shape == (96, 96) and out_mask.dtype == np.uint8
         assert set(np.unique(out_mask)) <= set(np.unique(mask)) | {255}
-        padded += int((out_mask == 255).mean() > 0.05)
-    assert padded > 0  # rotation and crop padding appear as ignore
+        assert (out_mask[valid == 0] == 255).all()  # padding is ignore in the mask
+        padded += int((valid == 0).mean() > 0.05)
+    assert padded > 0  # rotation and crop padding appear in valid
     # a mask without 255 rotated by up to 10 degrees: the corners become 255
     plain = np.full((200, 200), 5, np.uint8)
     rot = BAMTrainTransform(size=200, scale=(1.0, 1.0), rotate=10, rotate_p=1.0, seed=0)
@@ -96,8 +98,8 @@ def test_bam_augmentation_presets_and_determinism():
     a, b = (BAMTrainTransform(size=64, seed=9) for _ in range(2))
     ra = [a(img, mask) for _ in range(4)]
     rb = [b(img, mask) for _ in range(4)]
-    for (ia, ma), (ib, mb) in zip(ra, rb, strict=True):
-        assert np.array_equal(ia, ib) and np.array_equal(ma, mb)
+    for (ia, ma, va), (ib, mb, vb) in zip(ra, rb, strict=True):
+        assert np.array_equal(ia, ib) and np.array_equal(ma, mb) and np.array_equal(va, vb)
     assert not all(np.array_equal(ra[0][1], r[1]) for r in ra[1:])  # random across calls
 
 
@@ -209,6 +211,9 @@ def test_end_to_end_pad_protocol_on_files(tmp_path):
         W,
         W,
     )
+    # query_valid is the content region of the pad resize: its padding is all ignore
+    valid = batch["query_valid"]
+    assert 0 < valid.mean() < 1 and (batch["query_mask"][valid == 0] == 255).all()
     # a perfect prediction at test size, scored at original size, stays close to 100
     q = batch["query_mask"]
     logits = torch.stack([(q == 0).float(), (q == 1).float()], 1) * 10

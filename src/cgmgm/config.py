@@ -17,6 +17,8 @@ import cgmgm
 
 __all__ = [
     "check_protocol",
+    "compose",
+    "compose_model",
     "config_dir",
     "format_table",
     "instantiate_callbacks",
@@ -40,6 +42,22 @@ def config_dir() -> Path:
         f"cgmgm configs not found in {package / 'conf'} (installed wheel) or "
         f"{package.parents[1] / 'conf'} (source checkout); reinstall the package"
     )
+
+
+def compose(config_name: str = "train", overrides: Sequence[str] = ()) -> Any:
+    """The composed (unresolved) config of ``python -m cgmgm.<config_name> <overrides>``."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return hydra_compose(config_name, overrides=list(overrides))
+
+
+def compose_model(overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The resolved ``model`` config for ``overrides`` (e.g. ``["model.img=false",
+    "dataset=coco"]``), as plain Python: the model's defaults for Python callers, from their one
+    home in conf/model/cgmgm.yaml (and the dataset's recipe)."""
+    return to_plain(compose("train", overrides).model)
 
 
 def to_plain(cfg: Any) -> Any:
@@ -77,7 +95,8 @@ def instantiate_callbacks(cfg: Mapping[str, Any] | None) -> list[Any]:
 
 def run_info(cfg: Any, model: Mapping[str, Any], backbone: Mapping[str, Any]) -> dict[str, Any]:
     """Plain description of a run (checkpoints' ``meta`` and metrics.json): the run's data
-    settings from ``cfg`` and the switches of the ``model`` / ``backbone`` configs tested."""
+    settings from ``cfg``, the headline switches of the ``model`` / ``backbone`` configs tested
+    and the whole resolved ``model`` config (``model``), so a number says what produced it."""
     gmm = model.get("gmm") or {}
     return {
         "dataset": str(cfg.dataset.get("dataset", "")),
@@ -92,6 +111,7 @@ def run_info(cfg: Any, model: Mapping[str, Any], backbone: Mapping[str, Any]) ->
         "img": model.get("img"),
         "imr": model.get("imr"),
         "training_free": bool(model.get("training_free", False)),
+        "model": dict(model),
     }
 
 
@@ -161,7 +181,9 @@ def format_table(
     """Per-class IoU, then mIoU, FB-IoU and GmIoU (percent) as a small text table.
 
     ``class_names[c]`` names class id ``c`` (index 0 = background). With ``std_suffix``
-    (e.g. ``"_std"``), each value is shown as ``mean ± std``.
+    (e.g. ``"_std"``), each value is shown as ``mean ± std``. A class without test episodes
+    shows "-"; with ``{prefix}classes_drawn`` / ``{prefix}classes_total`` in ``metrics``, the
+    mIoU row says over how many classes it averages (a mean over seeds with ``std_suffix``).
     """
 
     def cell(key: str) -> str:
@@ -180,10 +202,17 @@ def format_table(
     rows.append(("mIoU", cell(f"{prefix}mIoU")))
     rows.append(("FB-IoU", cell(f"{prefix}FB-IoU")))
     rows.append(("GmIoU", cell(f"{prefix}GmIoU")))
+    note = ""  # after the mIoU: the classes it averages
+    drawn, total = metrics.get(f"{prefix}classes_drawn"), metrics.get(f"{prefix}classes_total")
+    if drawn is not None and total:
+        per_seed = " per seed (mean)" if std_suffix is not None else ""
+        note = f"   over {float(drawn):g} of {int(total)} classes drawn{per_seed}"
+        if float(drawn) < int(total):
+            note += " (-: no test episode)"
     width = max(len(r[0]) for r in rows)
     lines = [f"{'':{width}}  IoU (%)", "-" * (width + 2 + max(len(r[1]) for r in rows))]
     for i, (name, value) in enumerate(rows):
         if i == len(class_ids):
             lines.append("-" * len(lines[1]))
-        lines.append(f"{name:{width}}  {value}")
+        lines.append(f"{name:{width}}  {value}{note if name == 'mIoU' else ''}")
     return "\n".join(lines)

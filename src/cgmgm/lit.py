@@ -38,15 +38,43 @@ IGNORE_INDEX = 255
 _PLAIN = (str, int, float, bool, type(None))
 # Map outputs passed on to callbacks (figures), at feature resolution [B, 1, h, w].
 MAP_KEYS = ("guidance", "cosine_prior", "posterior", "initial_mask")
-# BAM's optimiser: base lr 0.005, 10x on new layers (effective 0.05, the paper's lr).
-OPTIM_DEFAULTS = {
-    "lr": 0.005,
-    "new_layer_lr_mult": 10.0,
-    "momentum": 0.9,
-    "weight_decay": 1e-4,
-    "schedule": "poly",
-    "poly_power": 0.9,
+# The keys of the ``optim`` config (conf/train.yaml, the one home of their values).
+OPTIM_KEYS = ("lr", "new_layer_lr_mult", "momentum", "weight_decay", "schedule", "poly_power")
+# model config key (dotted) -> CGMGM keyword; conf/model/cgmgm.yaml is the one home of values.
+MODEL_KEYS = {
+    "guidance": "guidance",
+    "img": "img",
+    "imr": "imr",
+    "kshot": "kshot",
+    "threshold": "threshold",
+    "proj_dim": "proj_dim",
+    "training_free": "training_free",
+    "gmm.components": "components",
+    "gmm.covariance": "covariance",
+    "gmm.iters": "em_iters",
+    "gmm.grad": "gmm_grad",
+    "gmm.reg_covar": "reg_covar",
 }
+
+
+def _require(cfg: Mapping[str, Any], keys: Any, what: str, home: str) -> dict[str, Any]:
+    """{dotted key: value} of ``cfg`` for every key; a missing key is an error naming it."""
+    out, missing = {}, []
+    for key in keys:
+        node: Any = cfg
+        for part in key.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                missing.append(key)
+                break
+            node = node[part]
+        else:
+            out[key] = node
+    if missing:
+        raise ValueError(
+            f"the {what} config lacks {missing}: compose it from {home} "
+            "(cgmgm.config.compose_model() in Python) rather than writing it by hand"
+        )
+    return out
 
 
 def _check_plain(value: Any, name: str) -> None:
@@ -70,23 +98,16 @@ def _resize(maps: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
 
 
+def model_kwargs(model: Mapping[str, Any]) -> dict[str, Any]:
+    """CGMGM keywords from a complete ``model`` config (every key of conf/model/cgmgm.yaml)."""
+    values = _require(model, MODEL_KEYS, "model", "conf/model/cgmgm.yaml")
+    return {MODEL_KEYS[k]: v for k, v in values.items()}
+
+
 def build_model(model: Mapping[str, Any], backbone: Mapping[str, Any]) -> CGMGM:
     """CGMGM from the ``model`` and ``backbone`` config groups (see conf/model/cgmgm.yaml)."""
-    gmm = dict(model.get("gmm") or {})
-    return CGMGM(
-        build_backbone(backbone["name"], backbone.get("weights", "imagenet")),
-        guidance=model.get("guidance", "gmm"),
-        img=model.get("img", True),
-        imr=model.get("imr", True),
-        components=gmm.get("components", 3),
-        covariance=gmm.get("covariance", "diag"),
-        em_iters=gmm.get("iters", 10),
-        gmm_grad=gmm.get("grad", True),
-        reg_covar=gmm.get("reg_covar", 1e-6),
-        threshold=model.get("threshold", 0.5),
-        proj_dim=model.get("proj_dim", 256),
-        training_free=model.get("training_free", False),
-    )
+    bb = _require(backbone, ("name", "weights"), "backbone", "conf/backbone/<name>.yaml")
+    return CGMGM(build_backbone(bb["name"], bb["weights"]), **model_kwargs(model))
 
 
 class LitCGMGM(L.LightningModule):
@@ -97,8 +118,8 @@ class LitCGMGM(L.LightningModule):
             gmm: {components, covariance, iters, grad, reg_covar}).
         backbone: the ``backbone`` config ({name, weights}).
         class_ids: the evaluated (novel) class ids, in the order of ``batch["class_idx"]``.
-        optim: {lr, new_layer_lr_mult, momentum, weight_decay, schedule, poly_power}
-            (missing keys: ``OPTIM_DEFAULTS``).
+        optim: {lr, new_layer_lr_mult, momentum, weight_decay, schedule, poly_power}, every
+            key (conf/train.yaml); None only for a model that is not trained.
         class_names: names indexed by class id (0 = background), for tables and figures.
         seed: seed of the training randomness (dropout).
         meta: free plain-typed run information stored in the checkpoint (fold, shot, ...).
@@ -138,7 +159,12 @@ class LitCGMGM(L.LightningModule):
 
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Episode batch -> CGMGM outputs (``logits`` [B, 2, H, W], maps [B, 1, h, w])."""
-        return self.model(batch["query_img"], batch["support_imgs"], batch["support_masks"])
+        return self.model(
+            batch["query_img"],
+            batch["support_imgs"],
+            batch["support_masks"],
+            batch.get("query_valid"),
+        )
 
     @staticmethod
     def loss(logits: Tensor, target: Tensor) -> Tensor:
@@ -182,7 +208,7 @@ class LitCGMGM(L.LightningModule):
         training-free model."""
         if self.training_free:
             return None
-        o = {**OPTIM_DEFAULTS, **(self.hparams.optim or {})}
+        o = _require(self.hparams.optim or {}, OPTIM_KEYS, "optim", "conf/train.yaml")
         backbone = {id(p) for p in self.model.backbone.parameters()}
         trainable = self.model.trainable_parameters()
         new = [p for p in trainable if id(p) not in backbone]

@@ -34,7 +34,9 @@ SAMPLING = ("class", "image", "pair")  # episode sampling modes, see EpisodeData
 _PASCAL_MIN_PIXELS = 2 * 32 * 32
 _PASCAL_AREA = 500 * 375
 
-Transform = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+# (image [H, W, 3], mask [H, W]) -> (image, mask), or (image, mask, valid) where valid [H, W]
+# is nonzero on the pixels that come from the image (0 on padding the transform added).
+Transform = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, ...]]
 
 
 @runtime_checkable
@@ -207,15 +209,18 @@ class EpisodeDataset(Dataset):
             class of a dataset, ``range(1, source.num_classes + 1)``). With split="train"
             and ``filter_novel``, images holding a fold-novel class that is not in
             ``classes`` are still dropped.
-        transform: callable (image [H, W, 3], mask [H, W]) -> (image, mask), numpy, applied to
-            each image before binarisation. It must return equal sizes across an episode's
-            images for batching; if random, it draws from its own RNG.
+        transform: callable (image [H, W, 3], mask [H, W]) -> (image, mask) or (image, mask,
+            valid), numpy, applied to each image before binarisation; ``valid`` marks the
+            pixels that come from the image (not padding). It must return equal sizes across
+            an episode's images for batching; if random, it draws from its own RNG.
         filter_novel: BAM's training-image filter (ignored for split="test").
         sampling: how an episode picks its class and query (test protocols differ here):
             "class" draws the class uniformly, then the query among its images (HSNet COCO);
-            "image" draws the query uniformly among the images holding a sampled class,
-            then the class uniformly among that image's (BAM, PFENet: they walk their image
-            list and pick one of the image's classes); "pair" draws an (image, class) pair
+            "image" draws the query uniformly among the images holding a sampled class (with
+            the source's minimum pixel count), then the class uniformly among the sampled
+            classes present in that image with any pixel count (BAM, PFENet: they walk their
+            image list and pick one of the image's labels; only the supports need the
+            minimum count); "pair" draws an (image, class) pair
             uniformly (HSNet PASCAL, whose test list holds one entry per pair).
         original_size: if set to S, episodes also hold the query's binarised label *before*
             ``transform`` (for scoring at original size, BAM/PFENet ``ori_resize``):
@@ -223,7 +228,9 @@ class EpisodeDataset(Dataset):
             elsewhere, and ``query_orig_size`` long [2] = (H, W). H or W > S is an error.
 
     Episode dict: ``query_img`` [3, H, W] float in [0, 1]; ``query_mask`` [H, W] long in
-    {0, 1, 255}; ``support_imgs`` [K, 3, H, W]; ``support_masks`` [K, H, W] long;
+    {0, 1, 255}; ``query_valid`` [H, W] float, 1 on the query's own pixels and 0 on padding
+    added by the transform (padding enters no fit); ``support_imgs`` [K, 3, H, W];
+    ``support_masks`` [K, H, W] long;
     ``class_id`` int (original 1-based class); ``class_idx`` int (position in
     ``self.classes``); ``index`` int; ``query_source_idx`` int; ``support_source_idx``
     long [K]; with ``original_size``, ``query_mask_orig`` [S, S] and ``query_orig_size`` [2].
@@ -288,13 +295,50 @@ class EpisodeDataset(Dataset):
                     per_class[c].append(i)
         short = {c: len(v) for c, v in per_class.items() if len(v) < self.shot + 1}
         if short:
-            detail = ", ".join(f"class {c}: {n} image(s)" for c, n in sorted(short.items()))
+            # why: [masks holding the class at all, of those below min_pixels, of the others
+            # dropped by the novel-class filter]; a source with image_class (FSS-1000 layout)
+            # also counts the files of the class's folder
+            why = {c: [0, 0, 0] for c in short}
+            for i in range(len(source)):
+                labels = source.labels_in(i)
+                if not labels & set(short):
+                    continue
+                big, dropped = source.classes_in(i), drop_novel and bool(novel & labels)
+                for c in labels & set(short):
+                    why[c][0] += 1
+                    why[c][1] += c not in big
+                    why[c][2] += c in big and dropped
+            names = getattr(source, "class_names", None)
+            owner = getattr(source, "image_class", None)
+            parts = []
+            for c, n in sorted(short.items()):
+                held, small, dropped = why[c]
+                reason = f"{names[c]!r}: " if names is not None and c < len(names) else ""
+                if owner is not None:
+                    files = int(np.sum(np.asarray(owner) == c))
+                    reason += f"{files} image(s) in its folder, {files - held} with no object pixel"
+                else:
+                    reason += f"{held} mask(s) hold it" if held else "no mask holds it"
+                if small:
+                    reason += f", {small} with fewer pixels than min_pixels"
+                if dropped:
+                    reason += f", {dropped} dropped for holding a novel class (filter_novel)"
+                parts.append(f"class {c}: {n} image(s) ({reason})")
+            fixer = getattr(source, "few_images_fix", None)
+            if callable(fixer):
+                fix = fixer(sorted(short))
+            elif hasattr(source, "num_images"):
+                fix = "raise the source's num_images (dataset.dataset_kwargs.num_images)"
+            else:
+                fix = "add images holding these classes"
+            if any(why[c][1] for c in short):
+                fix += ", lower min_pixels (dataset.dataset_kwargs.min_pixels)"
             raise ValueError(
                 f"{split} episodes with shot={self.shot} need >= {self.shot + 1} images per "
-                f"class (query + {self.shot} supports), but {detail} in "
-                f"{type(source).__name__} (fold {self.fold}). Fix: use more images (e.g. "
-                "the synthetic source's num_images), a smaller shot, a lower min_pixels, or "
-                "pass `classes=` without these classes."
+                f"class (query + {self.shot} supports), but {', '.join(parts)} in "
+                f"{type(source).__name__} (fold {self.fold}). Fix: {fix}; or use a smaller "
+                "shot, or leave these classes out (`classes=`; in the apps dataset.classes / "
+                "dataset.train_classes)."
             )
         self.class_images = {c: np.asarray(v, dtype=np.int64) for c, v in per_class.items()}
         self._class_pos = {c: k for k, c in enumerate(self.classes)}
@@ -302,11 +346,14 @@ class EpisodeDataset(Dataset):
         self._pairs = np.asarray(
             [(i, c) for c in self.classes for i in self.class_images[c]], dtype=np.int64
         ).reshape(-1, 2)
-        # the images holding a sampled class, and the row range of each in the image-sorted
-        # pairs: image k's classes are _by_image[_starts[k]:_starts[k + 1], 1]
-        self._by_image = self._pairs[np.lexsort((self._pairs[:, 1], self._pairs[:, 0]))]
-        self._images, first = np.unique(self._by_image[:, 0], return_index=True)
-        self._starts = np.append(first, len(self._by_image))
+        # the images holding a sampled class (with the minimum pixel count): the query list of
+        # "image" sampling; image k's query classes are every sampled class it holds with any
+        # pixel count (BAM): _query_classes[_starts[k]:_starts[k + 1]]
+        self._images = np.unique(self._pairs[:, 0])
+        chosen = set(self.classes)
+        per_image = [sorted(chosen & source.labels_in(int(i))) for i in self._images]
+        self._query_classes = np.asarray([c for cs in per_image for c in cs], dtype=np.int64)
+        self._starts = np.cumsum([0] + [len(cs) for cs in per_image])
         # None: one episode per query image, as BAM/PFENet epochs walk their image list
         n = len(self._images) if num_episodes is None else num_episodes
         self.num_episodes = int(n)
@@ -331,7 +378,7 @@ class EpisodeDataset(Dataset):
         elif self.sampling == "image":
             k = int(rng.integers(len(self._images)))
             lo, hi = self._starts[k], self._starts[k + 1]
-            query, cls = int(self._images[k]), int(self._by_image[lo + rng.integers(hi - lo), 1])
+            query, cls = int(self._images[k]), int(self._query_classes[lo + rng.integers(hi - lo)])
         else:  # "pair"
             query, cls = (int(x) for x in self._pairs[rng.integers(len(self._pairs))])
         images = self.class_images[cls]
@@ -341,13 +388,25 @@ class EpisodeDataset(Dataset):
 
     def _load(
         self, i: int, cls: int, keep_original: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray | None]:
+        """(image [3, H, W], binary mask [H, W], valid [H, W] float, original label or None)."""
         image, mask = self.source.load(i)
         original = np.asarray(mask) if keep_original else None
+        valid = None
         if self.transform is not None:
-            image, mask = self.transform(image, mask)
+            image, mask, *rest = self.transform(image, mask)
+            valid = rest[0] if rest else None
         img, m = _to_tensors(image, mask)
-        return img, _binarize(m, cls), original  # [3, H, W], [H, W], [H0, W0] or None
+        if valid is None:
+            v = torch.ones(m.shape, dtype=torch.float32)
+        else:
+            v = torch.from_numpy(np.asarray(valid) != 0).float()
+            if v.shape != m.shape:
+                raise ValueError(
+                    f"the transform returned a valid map of shape {tuple(v.shape)} for a mask of "
+                    f"shape {tuple(m.shape)} (image {i} of {type(self.source).__name__})"
+                )
+        return img, _binarize(m, cls), v, original
 
     def _original_label(self, mask: np.ndarray, cls: int, i: int) -> dict[str, torch.Tensor]:
         """``query_mask_orig`` [S, S] (255-padded binarised label) and ``query_orig_size`` [2]."""
@@ -365,12 +424,13 @@ class EpisodeDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         cls, query, support = self.sample(index)
         keep = self.original_size is not None
-        q_img, q_mask, q_orig = self._load(query, cls, keep_original=keep)
+        q_img, q_mask, q_valid, q_orig = self._load(query, cls, keep_original=keep)
         s = [self._load(i, cls) for i in support]
         extra = self._original_label(q_orig, cls, query) if keep else {}
         return {
             "query_img": q_img,  # [3, H, W]
             "query_mask": q_mask,  # [H, W]
+            "query_valid": q_valid,  # [H, W], 0 on padding
             "support_imgs": torch.stack([x[0] for x in s]),  # [K, 3, H, W]
             "support_masks": torch.stack([x[1] for x in s]),  # [K, H, W]
             "class_id": cls,

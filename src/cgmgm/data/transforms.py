@@ -2,7 +2,9 @@
 ``(image uint8 [H, W, 3], class-index mask uint8 [H, W]) -> (image, mask)``.
 
 Masks are only ever resampled with nearest-neighbour interpolation and padded with 255, so
-a transformed mask holds nothing but its original values and 255 (ignore).
+a transformed mask holds nothing but its original values and 255 (ignore). Transforms that pad
+also return ``valid`` [H, W] uint8 (1 on the image's own pixels, 0 on padding), so that padding
+can be kept out of the model's fits (the episode's ``query_valid``).
 
 - :class:`BAMTrainTransform`: BAM/PFENet training augmentation (both train.py): RandScale,
   RandRotate (p 0.5, image padded with the ImageNet mean, mask with 255), Gaussian blur
@@ -120,11 +122,18 @@ class BAMTrainTransform:
             self.compose.set_random_seed(seed)
             self._seeded_for = key
 
-    def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """[H, W, 3] uint8, [H, W] uint8 -> [size, size, 3] uint8, [size, size] uint8."""
+    def __call__(
+        self, image: np.ndarray, mask: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """[H, W, 3] uint8, [H, W] uint8 -> [size, size, 3] uint8, [size, size] uint8 and
+        valid [size, size] uint8 (0 where rotation or the crop padded)."""
         self._reseed_for_worker()
-        out = self.compose(image=np.ascontiguousarray(image), mask=np.ascontiguousarray(mask))
-        return out["image"], out["mask"]
+        ones = np.ones(mask.shape[:2], dtype=np.uint8)  # padded with 255 like the mask
+        out = self.compose(
+            image=np.ascontiguousarray(image), masks=[np.ascontiguousarray(mask), ones]
+        )
+        mask_out, valid = out["masks"]
+        return out["image"], np.asarray(mask_out), (np.asarray(valid) == 1).astype(np.uint8)
 
 
 def bam_train_transform(dataset: str = "pascal", seed: int = 0, **overrides) -> BAMTrainTransform:
@@ -150,9 +159,9 @@ def _bam_new_hw(h: int, w: int, size: int, round_to: int) -> tuple[int, int]:
 class PadResize:
     """BAM/PFENet test resize: keep aspect, longer side to ``size``, pad to a square.
 
-    ``(image [H, W, 3], mask [H, W]) -> ([size, size, 3], [size, size])``; the resized content
-    (``content_size(H, W)``) sits in the top-left corner, the image padded with
-    ``image_fill`` (BAM: 0 before normalisation), the mask with 255.
+    ``(image [H, W, 3], mask [H, W]) -> ([size, size, 3], [size, size], valid [size, size])``;
+    the resized content (``content_size(H, W)``) sits in the top-left corner, the image padded
+    with ``image_fill`` (BAM: 0 before normalisation), the mask with 255, valid with 0.
     """
 
     def __init__(
@@ -169,7 +178,9 @@ class PadResize:
         """(h', w') of the resized content inside the square."""
         return _bam_new_hw(h, w, self.size, self.round_to)
 
-    def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(
+        self, image: np.ndarray, mask: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         h, w = mask.shape[:2]
         nh, nw = self.content_size(h, w)
         img = cv2.resize(np.asarray(image), (nw, nh), interpolation=cv2.INTER_LINEAR)
@@ -178,7 +189,9 @@ class PadResize:
         out_img[:nh, :nw] = img
         out_mask = np.full((self.size, self.size), self.ignore_index, dtype=np.uint8)
         out_mask[:nh, :nw] = m
-        return out_img, out_mask
+        valid = np.zeros((self.size, self.size), dtype=np.uint8)
+        valid[:nh, :nw] = 1
+        return out_img, out_mask, valid
 
 
 class SquashResize:

@@ -10,6 +10,16 @@ Ablation switches (Tables 1 and 5, Fig. 6): ``guidance`` "gmm" (C&Q on) or "cosi
 prototype + cosine-prior baseline, C&Q off); ``img`` / ``imr`` (IMGR parts); ``components`` and
 ``covariance`` of the mixtures. ``training_free=True`` keeps only the frozen backbone: the
 mixtures are fitted on its mid features as they are and the prediction is the posterior's argmax.
+
+Every switch is a required keyword: the model's defaults live in one place, the Hydra config
+``conf/model/cgmgm.yaml`` (``cgmgm.config.compose_model()`` gives them to Python callers).
+
+K shots (``kshot``): "mean" (BAM) averages one cosine prior and one prototype per shot; "pool"
+pools the pixels of every shot into one prior and one prototype. The mixtures are always fitted
+on the pixels of every shot together.
+
+Query pixels outside the image (``query_valid`` = 0: the padding of BAM's test resize) enter
+no fit and no normalisation; a feature cell counts as inside when at least half its area is.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ from torch import Tensor, nn
 
 from cgmgm.models.decoder import Decoder
 from cgmgm.models.gmm import CDGMG
-from cgmgm.models.imgr import IMGR
+from cgmgm.models.imgr import IMGR, KSHOT
 from cgmgm.models.qcpe import QCPE
 
 GUIDANCES = ("gmm", "cosine")
@@ -41,27 +51,43 @@ def mask_fractions(masks: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor
     return fg, bg
 
 
-def masked_average(features: Tensor, weight: Tensor) -> Tensor:
-    """Masked average pooling over shots and pixels: [B, K, C, H, W], [B, K, H, W] -> [B, C]."""
-    num = (features * weight[:, :, None]).sum((1, 3, 4))
-    return num / (weight.sum((1, 2, 3))[:, None] + 1e-5)
+def masked_average(features: Tensor, weight: Tensor, kshot: str) -> Tensor:
+    """Masked average pooling: [B, K, C, H, W], [B, K, H, W] -> prototype [B, C].
+
+    kshot "mean": one prototype per shot, averaged over shots (BAM); "pool": one average over
+    the pixels of every shot.
+    """
+    if kshot == "pool":
+        num = (features * weight[:, :, None]).sum((1, 3, 4))  # [B, C]
+        return num / (weight.sum((1, 2, 3))[:, None] + 1e-5)
+    num = (features * weight[:, :, None]).sum((3, 4))  # [B, K, C]
+    return (num / (weight.sum((2, 3))[..., None] + 1e-5)).mean(1)
+
+
+def valid_cells(query_valid: Tensor, size: tuple[int, int]) -> Tensor:
+    """Pixels inside the image [B, H, W] (bool or 0/1) -> feature cells [B, 1, h, w] (0/1 float)
+    whose area is at least half inside."""
+    frac = F.adaptive_avg_pool2d(query_valid[:, None].float(), size)  # [B, 1, h, w]
+    return (frac >= 0.5).float()
 
 
 class CGMGM(nn.Module):
     def __init__(
         self,
         backbone: nn.Module,
-        guidance: str = "gmm",
-        img: bool = True,
-        imr: bool = True,
-        components: int = 3,
-        covariance: str = "diag",
-        em_iters: int = 10,
-        gmm_grad: bool = True,
-        reg_covar: float = 1e-6,
-        threshold: float = 0.5,
-        proj_dim: int = 256,
-        training_free: bool = False,
+        *,
+        guidance: str,
+        img: bool,
+        imr: bool,
+        kshot: str,
+        threshold: float,
+        proj_dim: int,
+        training_free: bool,
+        components: int,
+        covariance: str,
+        em_iters: int,
+        gmm_grad: bool,
+        reg_covar: float,
     ):
         super().__init__()
         if guidance not in GUIDANCES:
@@ -71,7 +97,10 @@ class CGMGM(nn.Module):
         self.backbone = backbone
         self.guidance = guidance
         self.training_free = training_free
-        self.imgr = IMGR(img=img, imr=imr, threshold=threshold)
+        if kshot not in KSHOT:
+            raise ValueError(f"CGMGM: kshot must be one of {KSHOT}, got {kshot!r}")
+        self.kshot = kshot
+        self.imgr = IMGR(img=img, imr=imr, threshold=threshold, kshot=kshot)
         self.cdgmg = CDGMG(components, covariance, em_iters, gmm_grad, reg_covar)
         self.qcpe = QCPE()
         if training_free:
@@ -82,9 +111,16 @@ class CGMGM(nn.Module):
             )
             self.decoder = Decoder(proj_dim, guidance_channels=1)
 
-    def forward(self, query_img: Tensor, support_imgs: Tensor, support_masks: Tensor) -> dict:
+    def forward(
+        self,
+        query_img: Tensor,
+        support_imgs: Tensor,
+        support_masks: Tensor,
+        query_valid: Tensor | None = None,
+    ) -> dict:
         """query_img [B, 3, H, W]; support_imgs [B, K, 3, H, W]; support_masks [B, K, H, W]
-        (0 bg, 1 fg, 255 ignore), images as floats in [0, 1].
+        (0 bg, 1 fg, 255 ignore), images as floats in [0, 1]; query_valid [B, H, W] (1 inside
+        the image, 0 on padding) or None (every pixel is inside).
 
         Returns a dict: ``logits`` [B, 2, H, W]; at the feature resolution [B, 1, h, w]:
         ``guidance`` (the map given to the decoder), ``cosine_prior`` (Eq. 2), ``coarse_mask``
@@ -105,11 +141,12 @@ class CGMGM(nn.Module):
         mid_s = mid_s.unflatten(0, (b, k))  # [B, K, D, h, w]
         high_s = high_s.unflatten(0, (b, k))  # [B, K, Ch, h, w]
         fg, bg = mask_fractions(support_masks, size)  # [B, K, h, w] each
+        valid = None if query_valid is None else valid_cells(query_valid, size)  # [B, 1, h, w]
 
-        out = self.imgr(high_q, high_s, fg)
+        out = self.imgr(high_q, high_s, fg, valid)
         if self.guidance == "gmm":
             query_fg = out["initial_mask"] if self.imgr.img else None
-            theta = self.cdgmg(mid_s, fg, bg, mid_q, query_fg)  # [B, 2] mixtures (bg, fg)
+            theta = self.cdgmg(mid_s, fg, bg, mid_q, query_fg, valid)  # [B, 2] (bg, fg)
             out.update(self.qcpe(mid_q, theta))
             out["guidance"] = out["posterior"]
         else:
@@ -121,7 +158,8 @@ class CGMGM(nn.Module):
             )
             out["logits"] = torch.cat([1 - p, p], 1).clamp_min(1e-6).log()
         else:
-            logits = self.decoder(mid_q, masked_average(mid_s, fg), out["guidance"])
+            prototype = masked_average(mid_s, fg, self.kshot)  # [B, D]
+            logits = self.decoder(mid_q, prototype, out["guidance"])
             out["logits"] = F.interpolate(
                 logits, size=query_img.shape[-2:], mode="bilinear", align_corners=False
             )
