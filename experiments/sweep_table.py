@@ -8,6 +8,12 @@ line per value of ``--line`` (default: mIoU against M, one line per covariance t
     python -m cgmgm.train -m model.gmm.components=1,2,3 model.gmm.covariance=diag,full
     python experiments/sweep_table.py multirun/train/<date_time>
 
+With ``--over seed`` (any override key), jobs that differ only in that key become one row of
+``mean ± std`` (sample standard deviation) over them, with the count ``n``:
+
+    python -m cgmgm.train -m seed=0,1,2 model.guidance=gmm,cosine
+    python experiments/sweep_table.py multirun/train/<date_time> --over seed
+
 Writes ``sweep_table.md`` and ``fig6.png`` into the sweep directory (or ``--out``).
 """
 
@@ -20,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -113,6 +120,48 @@ def markdown_table(jobs: list[dict[str, Any]], metrics: Sequence[str] = METRICS)
     return "\n".join(lines)
 
 
+def aggregate(
+    jobs: list[dict[str, Any]], over: str, metrics: Sequence[str] = METRICS
+) -> list[dict[str, Any]]:
+    """Group the jobs that differ only in ``over``; each group -> a row dict with ``key``
+    ({override: value} of the group), ``n`` and, per metric, ``mean`` and ``std`` (sample std;
+    0 for one job; NaN when no job has it)."""
+    keys = []
+    for job in jobs:
+        keys += [k for k in job["overrides"] if k not in keys and k != over]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for job in jobs:
+        groups.setdefault(tuple(repr(job_value(job, k)) for k in keys), []).append(job)
+    rows = []
+    for members in groups.values():
+        row: dict[str, Any] = {"key": {k: job_value(members[0], k) for k in keys}}
+        row["n"] = len(members)
+        for m in metrics:
+            vals = np.array(
+                [float(j["metrics"][m]) for j in members if j["metrics"].get(m) is not None]
+            )
+            row[m] = (
+                float(vals.mean()) if len(vals) else math.nan,
+                float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
+            )
+        rows.append(row)
+    return rows
+
+
+def aggregate_table(jobs: list[dict[str, Any]], over: str, metrics: Sequence[str] = METRICS) -> str:
+    """Markdown: one row per group of :func:`aggregate`, metrics as ``mean ± std``."""
+    rows = aggregate(jobs, over, metrics)
+    keys = list(rows[0]["key"])
+    varying = [k for k in keys if len({repr(r["key"][k]) for r in rows}) > 1] or keys
+    header = [*varying, f"n ({over})", *metrics]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [_fmt(r["key"][k]) for k in varying] + [str(r["n"])]
+        cells += [f"{_fmt(r[m][0])} ± {_fmt(r[m][1])}" for m in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(
     jobs: list[dict[str, Any]],
     path: str | Path,
@@ -152,11 +201,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--line", default="model.gmm.covariance", help="one line per value of")
     ap.add_argument("--metric", default="test/mIoU")
     ap.add_argument("--out", type=Path, default=None, help="output dir (default: sweep_dir)")
+    ap.add_argument("--over", default=None, help="mean ± std over this key (e.g. seed)")
     args = ap.parse_args(argv)
     jobs = load_jobs(args.sweep_dir)
     out = args.out or args.sweep_dir
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(jobs)
+    table = markdown_table(jobs) if args.over is None else aggregate_table(jobs, args.over)
     (out / "sweep_table.md").write_text(table + "\n")
     png = plot(jobs, out / "fig6.png", args.x, args.line, args.metric)
     print(table)
