@@ -5,10 +5,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 from sklearn.mixture import GaussianMixture as SkGMM
 
-from cgmgm.models.gmm import CDGMG, GaussianMixture, fit_gmm, log_likelihood
+from cgmgm.models.gmm import CDGMG, GaussianMixture, _standardise, fit_gmm, log_likelihood
 
 
 def _blobs(rng, n=(150, 120, 90), d=4, spread=3.0):
@@ -240,12 +241,174 @@ def test_cdgmg_uses_support_and_query_labels():
     query = torch.randn(b, d, h, w, generator=g)
     fg = (torch.rand(b, k, h, w, generator=g) > 0.5).float()
     mq = (torch.rand(b, 1, h, w, generator=g) > 0.5).float()
-    theta = CDGMG(2, "diag", 5)(support, fg, 1 - fg, query, mq)
+    theta = CDGMG(2, "diag", 5, grad=True, reg_covar=1e-6)(support, fg, 1 - fg, query, mq)
     xs = support.permute(0, 1, 3, 4, 2).reshape(b, -1, d)
     x = torch.cat([xs, query.flatten(2).transpose(1, 2)], 1)
     wfg = torch.cat([fg.flatten(1), mq.flatten(1)], 1)
     ref = fit_gmm(x, torch.stack([1 - wfg, wfg], 1), 2, "diag", 5)
     torch.testing.assert_close(theta.means, ref.means)
-    only_support = CDGMG(2, "diag", 5)(support, fg, 1 - fg, query, None)
+    only_support = CDGMG(2, "diag", 5, grad=True, reg_covar=1e-6)(support, fg, 1 - fg, query, None)
     ref_s = fit_gmm(xs, torch.stack([1 - fg.flatten(1), fg.flatten(1)], 1), 2, "diag", 5)
     torch.testing.assert_close(only_support.means, ref_s.means)
+
+
+# ---------------------------------------------------------------- independent references
+
+
+def _hand_init(rng, x: np.ndarray, m: int, cov: str) -> GaussianMixture:
+    """theta^0 built in numpy (not by fit_gmm): m data points as means, the data's (co)variance
+    for every component, unequal weights. Leading dim [1]."""
+    means = x[rng.choice(len(x), m, replace=False)]
+    weights = np.arange(1.0, m + 1) / np.arange(1.0, m + 1).sum()
+    if cov == "diag":
+        covs = np.repeat(x.var(0)[None], m, 0)
+        pc = 1.0 / np.sqrt(covs)
+    else:
+        covs = np.repeat(np.cov(x.T, bias=True)[None], m, 0)
+        pc = np.stack([np.linalg.inv(np.linalg.cholesky(c)).T for c in covs])
+    return GaussianMixture(
+        *(torch.tensor(a)[None] for a in (np.log(weights), means, covs, pc)), torch.tensor([True])
+    )
+
+
+def _em_reference(x, w, init: GaussianMixture, iters: int, reg: float):
+    """Weighted EM written out in numpy/scipy: x [N, D], w [N] >= 0, init with leading dim [1],
+    ``reg`` the absolute variance floor. Returns (weights [M], means [M, D], covariances)."""
+    full = init.covariance_type == "full"
+    log_pi = init.log_weights[0].numpy().copy()
+    means = init.means[0].numpy().copy()
+    covs = init.covariances[0].numpy().copy()
+    m, d = means.shape
+    for _ in range(iters):
+        dense = covs if full else [np.diag(c) for c in covs]
+        logp = np.stack([multivariate_normal(means[k], dense[k]).logpdf(x) for k in range(m)])
+        logp = logp + log_pi[:, None]  # [M, N]
+        r = np.exp(logp - logsumexp(logp, axis=0)) * w  # [M, N]
+        nk = r.sum(1)
+        log_pi = np.log(nk / nk.sum())
+        means = r @ x / nk[:, None]
+        new = []
+        for k in range(m):
+            xc = x - means[k]
+            s = (r[k][:, None] * xc).T @ xc / nk[k]
+            new.append(s + reg * np.eye(d) if full else np.diag(s) + reg)
+        covs = np.stack(new)
+    return np.exp(log_pi), means, covs
+
+
+def _spread(x: np.ndarray, w: np.ndarray) -> float:
+    """Mean over features of the w-weighted variance: the unit of reg_covar."""
+    p = w / w.sum()
+    centre = p @ x
+    return float((p @ (x - centre) ** 2).mean())
+
+
+def _assert_params(gm: GaussianMixture, i: tuple, want, rtol: float, atol: float) -> None:
+    weights, means, covs = want
+    np.testing.assert_allclose(gm.weights[i].detach().numpy(), weights, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(gm.means[i].detach().numpy(), means, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(gm.covariances[i].detach().numpy(), covs, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("moments", [False, True])
+def test_standardise_both_paths_match_numpy(moments):
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(2, 50, 3, generator=g, dtype=torch.float64) * 7.0 + 20.0
+    w = torch.rand(2, 2, 50, generator=g, dtype=torch.float64)
+    w[:, :, :10] = 0.0  # points in neither class do not count
+    w[1, 1] = 0.0  # an empty class
+    for xi in (x, x.clone().requires_grad_(True)):  # in-place path, autograd path
+        z, centre, scale = _standardise(xi, w, moments)
+        assert z.requires_grad == xi.requires_grad
+        for b in range(2):
+            xn, wn = x[b].numpy(), w[b].sum(0).numpy()
+            c = wn @ xn / wn.sum()
+            var = _spread(xn, wn) + 1e-10 * ((c**2).mean() + 1.0)
+            zs = (xn - c) / np.sqrt(var)
+            want = np.concatenate([zs, zs**2], -1) if moments else zs
+            np.testing.assert_allclose(centre[b].detach().numpy(), c, rtol=1e-12)
+            np.testing.assert_allclose(scale[b].item(), np.sqrt(var), rtol=1e-12)
+            np.testing.assert_allclose(z[b].detach().numpy(), want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+@pytest.mark.parametrize("cov", ["diag", "full"])
+def test_autograd_path_matches_sklearn(cov):
+    rng = np.random.default_rng(31)
+    x = _blobs(rng) * 4.0 + 3.0
+    xt = torch.tensor(x)[None].requires_grad_(True)
+    w = torch.ones(1, len(x), dtype=torch.float64)
+    init = fit_gmm(xt.detach(), w, 3, cov, iters=0)
+    ours = fit_gmm(xt, w, 3, cov, iters=12, grad=True)
+    # The in-place standardisation cannot run on a tensor that needs grad (out= raises), so a
+    # differentiable result means the autograd path ran.
+    assert ours.means.requires_grad and ours.covariances.requires_grad
+    sk = _sk_from(init, cov, x, 12, 1e-6)  # same theta^0: components keep their order
+    _assert_params(ours, (0,), (sk.weights_, sk.means_, sk.covariances_), 1e-6, 1e-7)
+
+
+@pytest.mark.parametrize("cov", ["diag", "full"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_autograd_and_inplace_paths_agree(cov, dtype):
+    g = torch.Generator().manual_seed(32)
+    x = (torch.randn(2, 300, 8, generator=g, dtype=torch.float64) * 40.0 + 7.0).to(dtype)
+    x[:, :100] += 60.0  # two clusters
+    w = torch.stack([(torch.rand(2, 300, generator=g) > 0.3).to(dtype), torch.ones(2, 300)], 1)
+    w[0, 0, :50] = 0.4  # soft weights
+    plain = fit_gmm(x, w, 3, cov, 10)
+    graph = fit_gmm(x.clone().requires_grad_(True), w, 3, cov, 10, grad=True)
+    assert graph.means.requires_grad and not plain.means.requires_grad
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    for a, b in zip(plain[:4], graph[:4], strict=True):
+        torch.testing.assert_close(a, b.detach(), rtol=tol, atol=tol * float(a.abs().max()))
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+@pytest.mark.parametrize("cov", ["diag", "full"])
+def test_integer_weights_equal_duplicated_points(cov):
+    rng = np.random.default_rng(33)
+    x = _blobs(rng, n=(80, 60, 50), d=3)
+    twice = rng.random(len(x)) < 0.3
+    x_dup = np.concatenate([x, x[twice]])
+    init = _hand_init(rng, x, 3, cov)  # the deterministic init would differ between the two
+    w2 = torch.tensor(1.0 + twice)[None]
+    ours = fit_gmm(torch.tensor(x)[None], w2, 3, cov, 10, init=init)
+    ones = torch.ones(1, len(x_dup), dtype=torch.float64)
+    dup = fit_gmm(torch.tensor(x_dup)[None], ones, 3, cov, 10, init=init)
+    for a, b in zip(ours[:4], dup[:4], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    sk = _sk_from(init, cov, x_dup, 10, 1e-6)  # scikit-learn on the duplicated points
+    _assert_params(ours, (0,), (sk.weights_, sk.means_, sk.covariances_), 1e-6, 1e-7)
+    # The duplication is not a no-op: the weight-1 fit differs.
+    plain = fit_gmm(torch.tensor(x)[None], torch.ones_like(w2), 3, cov, 10, init=init)
+    assert not torch.allclose(plain.means, ours.means, atol=1e-3)
+
+
+@pytest.mark.parametrize("cov", ["diag", "full"])
+@pytest.mark.parametrize("c", [1.0, 0.01, 37.0])
+def test_soft_weights_match_reference_em(cov, c):
+    rng = np.random.default_rng(34)
+    x = _blobs(rng, n=(70, 50, 40), d=3) * 2.0 - 5.0
+    w = rng.uniform(0.05, 1.0, len(x))
+    w[rng.random(len(x)) < 0.2] = 0.0
+    init = _hand_init(rng, x, 3, cov)
+    ours = fit_gmm(torch.tensor(x)[None], torch.tensor(c * w)[None], 3, cov, 8, init=init)
+    want = _em_reference(x, w, init, 8, 1e-6 * _spread(x, w))  # unscaled weights
+    _assert_params(ours, (0,), want, 1e-8, 1e-10)
+
+
+@pytest.mark.parametrize("cov", ["diag", "full"])
+def test_scaling_one_class_of_two_changes_nothing(cov):
+    # Two classes share the features; class 1's weights are multiplied by c. Without a variance
+    # floor (whose unit is the spread of both classes together) each class's parameters equal
+    # the reference EM of that class alone with its unscaled weights.
+    rng = np.random.default_rng(35)
+    x = _blobs(rng, n=(70, 60, 50), d=3)
+    w = np.stack([rng.uniform(0.0, 1.0, len(x)), rng.uniform(0.0, 1.0, len(x))])
+    inits = [_hand_init(rng, x, 2, cov) for _ in range(2)]
+    both = GaussianMixture(*(torch.stack([a, b], 1) for a, b in zip(*inits, strict=True)))
+    wt = torch.tensor(w * np.array([[1.0], [0.02]]))[None]
+    ours = fit_gmm(torch.tensor(x)[None], wt, 2, cov, 6, reg_covar=0.0, init=both)
+    for k in range(2):
+        want = _em_reference(x, w[k], inits[k], 6, 0.0)
+        _assert_params(ours, (0, k), want, 1e-8, 1e-10)

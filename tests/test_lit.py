@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import OmegaConf
 
-from cgmgm.config import format_table, to_plain, write_metrics
+from cgmgm.config import compose, format_table, to_plain, write_metrics
 from cgmgm.eval import aggregate
 from cgmgm.lit import LitCGMGM
 from cgmgm.loggers import finish_loggers, wandb_logger, wandb_mode
 
-MODEL = {"guidance": "gmm", "proj_dim": 16, "gmm": {"components": 2, "iters": 2}}
+SMALL = ("model.proj_dim=16", "model.gmm.components=2", "model.gmm.iters=2")
 BACKBONE = {"name": "efficientnet_lite0", "weights": None}
+
+
+@functools.cache
+def _config(*overrides: str) -> tuple[dict, dict]:
+    """(model, optim) configs composed from conf/ (LitCGMGM reads every key, supplies none)."""
+    cfg = compose("train", [*SMALL, *overrides])
+    return to_plain(cfg.model), to_plain(cfg.optim)
+
+
+MODEL = _config()[0]
+OPTIM = _config()[1]
 
 
 class _Trainer:
@@ -34,7 +47,7 @@ def test_hyperparameters_must_be_plain():
 
 
 def test_optimiser_is_bams_sgd_with_poly_decay():
-    module = _module(optim={"lr": 0.005, "new_layer_lr_mult": 10})
+    module = _module(optim={**OPTIM, "lr": 0.005, "new_layer_lr_mult": 10})
     module.trainer = _Trainer()
     conf = module.configure_optimizers()
     opt, sched = conf["optimizer"], conf["lr_scheduler"]
@@ -52,7 +65,7 @@ def test_optimiser_is_bams_sgd_with_poly_decay():
 
 
 def test_cosine_schedule_switch():
-    module = _module(optim={"schedule": "cosine"})
+    module = _module(optim={**OPTIM, "schedule": "cosine"})
     module.trainer = _Trainer()
     conf = module.configure_optimizers()
     assert isinstance(conf["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.CosineAnnealingLR)
@@ -63,32 +76,114 @@ def test_backbone_frozen_in_eval_and_training_free_has_no_optimiser():
     module.train()
     assert not module.model.backbone.training
     module.on_train_epoch_start()  # the check passes
-    free = _module(model={"training_free": True})
+    free = _module(model=_config("model=training_free")[0])
     assert free.configure_optimizers() is None
     assert not list(free.model.trainable_parameters())
     with pytest.raises(RuntimeError, match="training-free"):
         free.on_train_start()
 
 
+def _counts(maps, label, size, crop, align_corners=True):
+    """(fg_i, fg_u, bg_i, bg_u) of maps upsampled to ``size`` (bilinear), cropped top-left to
+    ``crop`` = (H, W) and scored against label [H, W] (255 ignored). maps: logits [2, h, w]
+    (foreground = argmax 1) or a foreground probability [1, h, w] (foreground = p > 0.5)."""
+    up = F.interpolate(maps[None], size=size, mode="bilinear", align_corners=align_corners)
+    up = up[0, :, : crop[0], : crop[1]]
+    fg = up.argmax(0) == 1 if len(up) == 2 else up[0] > 0.5
+    valid = label != 255
+    t_fg, t_bg = label == 1, label == 0
+    return (
+        int((fg & t_fg).sum()),
+        int(((fg | t_fg) & valid).sum()),
+        int((~fg & t_bg).sum()),
+        int(((~fg | t_bg) & valid).sum()),
+    )
+
+
 def test_eval_step_scores_at_original_size_when_given():
+    """BAM/PFENet scoring: logits upsampled (bilinear, align_corners=True) to max(H, W)
+    squared, the top-left H x W compared with the original label (255 ignored)."""
+    g = torch.Generator().manual_seed(0)
     module = _module().eval()
-    b, s = 2, 32
+    b, s, canvas = 2, 32, 44  # test size 32; original labels pasted on a 44 x 44 canvas
+    sizes = [(30, 37), (41, 23)]  # one landscape, one portrait, both smaller than the canvas
+    class_idx = torch.tensor([3, 1])
+    orig = torch.full((b, canvas, canvas), 255, dtype=torch.long)
+    for i, (h, w) in enumerate(sizes):
+        orig[i, :h, :w] = (torch.rand(h, w, generator=g) > 0.5).long()
+        orig[i, :5, :5] = 255  # ignore pixels inside the image too
+    # The label at test size as the pad resize makes it: nearest, longer side 32, 255 padding.
+    query_mask = torch.full((b, s, s), 255, dtype=torch.long)
+    for i, (h, w) in enumerate(sizes):
+        hh, ww = round(h * s / max(h, w)), round(w * s / max(h, w))
+        small = F.interpolate(orig[i, None, None, :h, :w].float(), size=(hh, ww), mode="nearest")
+        query_mask[i, :hh, :ww] = small[0, 0].long()
     batch = {
-        "query_img": torch.rand(b, 3, s, s),
-        "query_mask": torch.zeros(b, s, s, dtype=torch.long),
-        "support_imgs": torch.rand(b, 1, 3, s, s),
+        "query_img": torch.rand(b, 3, s, s, generator=g),
+        "query_mask": query_mask,
+        "support_imgs": torch.rand(b, 1, 3, s, s, generator=g),
         "support_masks": torch.ones(b, 1, s, s, dtype=torch.long),
-        "class_idx": torch.tensor([0, 1]),
-        "query_mask_orig": torch.full((b, 40, 40), 255, dtype=torch.long),
-        "query_orig_size": torch.tensor([[30, 40], [40, 20]]),
+        "class_idx": class_idx,
+        "query_mask_orig": orig,
+        "query_orig_size": torch.tensor(sizes),
     }
-    batch["query_mask_orig"][0, :30, :40] = 1
-    batch["query_mask_orig"][1, :40, :20] = 0
+    # The model's outputs are fixed here (this test is about scoring, not the model, whose
+    # backbone alone takes seconds on a busy CPU): pixel-level logits and a coarse guidance
+    # map, so that every geometry scores differently.
+    logits = torch.randn(b, 2, s, s, generator=g)
+    guidance = torch.rand(b, 1, 8, 8, generator=g)
+
+    def model(query_img, support_imgs, support_masks, query_valid=None):
+        assert query_img is batch["query_img"] and support_imgs is batch["support_imgs"]
+        return {"logits": logits, "guidance": guidance}
+
+    module.model.forward = model
     with torch.no_grad():
         out = module.test_step(batch, 0)
-    assert out["pred"].shape == (b, s, s)
-    assert module.test_iou.union.sum() > 0  # scored on the 40x40 canvas
-    assert int(module.test_iou.episodes.sum()) == 2
+    assert torch.equal(out["pred"], logits.argmax(1))
+    assert module.test_iou.episodes.tolist() == [0, 1, 0, 1, 0]
+
+    def states(count):
+        """FSSIoU's states (intersection, union, fb_intersection, fb_union) from per-item
+        counts ``count(i, h, w)`` -> (fg_i, fg_u, bg_i, bg_u)."""
+        inter, union, fb_i, fb_u = [0] * 5, [0] * 5, [0, 0], [0, 0]
+        for i, (h, w) in enumerate(sizes):
+            fi, fu, bi, bu = count(i, h, w)
+            inter[int(class_idx[i])] += fi
+            union[int(class_idx[i])] += fu
+            fb_i, fb_u = [fb_i[0] + bi, fb_i[1] + fi], [fb_u[0] + bu, fb_u[1] + fu]
+        return inter, union, fb_i, fb_u
+
+    def square(i, h, w):  # the protocol: max(H, W) squared, crop the top-left H x W
+        return _counts(logits[i], orig[i, :h, :w], (max(h, w),) * 2, (h, w))
+
+    want = states(square)
+    iou = module.test_iou
+    got = (iou.intersection.tolist(), iou.union.tolist())
+    assert got + (iou.fb_intersection.tolist(), iou.fb_union.tolist()) == want
+
+    # The guidance (a probability) is scored the same way, binarised at 0.5.
+    def gm_square(i, h, w):
+        return _counts(guidance[i], orig[i, :h, :w], (max(h, w),) * 2, (h, w))
+
+    gm = module.test_gm
+    assert (gm.intersection.tolist(), gm.union.tolist()) == states(gm_square)[:2]
+
+    # Wrong canvases give other counts, so the assertion above tells them apart.
+    wrong = {
+        "non-square (squash to H x W)": lambda i, h, w: _counts(
+            logits[i], orig[i, :h, :w], (h, w), (h, w)
+        ),
+        "the whole canvas": lambda i, h, w: _counts(
+            logits[i], orig[i, :h, :w], (canvas, canvas), (h, w)
+        ),
+        "align_corners=False": lambda i, h, w: _counts(
+            logits[i], orig[i, :h, :w], (max(h, w),) * 2, (h, w), align_corners=False
+        ),
+        "the test size": lambda i, h, w: _counts(logits[i], query_mask[i], (s, s), (s, s)),
+    }
+    for name, count in wrong.items():
+        assert states(count)[:2] != want[:2], name
 
 
 def test_wandb_mode_never_prompts(monkeypatch, tmp_path):

@@ -8,7 +8,10 @@ Public API (users' scripts call these names and positions)::
 ``x`` is [B, N, D]; ``weight`` is [B, N] (one class) or [B, C, N] (C classes that share the
 same features, e.g. fg and bg of an episode). A weight of 0 means "not in this class"; soft
 weights in (0, 1] are allowed (fractional mask coverage). Each (batch item, class) pair is an
-independent mixture, and the result equals fitting each of them alone.
+independent mixture, and each batch item's result equals fitting it alone. The classes of one
+batch item share its standardisation, so the variance floor (relative to the spread of all its
+classes' points) is shared too: with ``reg_covar = 0`` a class's result equals fitting it alone;
+with a floor it is that fit with the item's floor.
 
 Readings of points the paper leaves open (see DESIGN.md):
 - Initialisation is deterministic (no global RNG): the weighted points of a class are split
@@ -361,12 +364,7 @@ class CDGMG(nn.Module):
     """
 
     def __init__(
-        self,
-        components: int = 3,
-        covariance: str = "diag",
-        iters: int = 10,
-        grad: bool = True,
-        reg_covar: float = 1e-6,
+        self, components: int, covariance: str, iters: int, grad: bool, reg_covar: float
     ):
         super().__init__()
         if covariance not in COVARIANCES:
@@ -386,10 +384,12 @@ class CDGMG(nn.Module):
         support_bg: Tensor,
         query: Tensor,
         query_fg: Tensor | None,
+        query_valid: Tensor | None = None,
     ) -> GaussianMixture:
         """support [B, K, D, H, W]; support_fg, support_bg [B, K, H, W] in [0, 1] (fractions
         of each feature cell; cells under ignore have fg + bg < 1); query [B, D, H, W];
-        query_fg M_q [B, 1, H, W] in {0, 1}, or None for a support-only fit.
+        query_fg M_q [B, 1, H, W] in {0, 1}, or None for a support-only fit; query_valid
+        [B, 1, H, W] in {0, 1} (0: padding, in neither class) or None (every cell).
 
         Returns theta with leading dims [B, 2]: index 0 = background, 1 = foreground.
         """
@@ -402,6 +402,8 @@ class CDGMG(nn.Module):
             xq = query.flatten(2).transpose(1, 2)  # [B, H*W, D]
             mq = query_fg.flatten(1)  # [B, H*W]
             wq = torch.stack([1.0 - mq, mq], 1)  # [B, 2, H*W]
+            if query_valid is not None:
+                wq = wq * query_valid.flatten(1)[:, None]  # padding enters neither class
             x, w = torch.cat([xs, xq], 1), torch.cat([ws, wq], 2)
         return fit_gmm(
             x,
