@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from _model_helpers import make_model
-
 from cgmgm.models.backbone import build_backbone
 from cgmgm.models.cgmgm import mask_fractions
 

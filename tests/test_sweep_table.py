@@ -4,7 +4,6 @@ import json
 import statistics
 
 import yaml
-
 from experiments import sweep_table
 
 

@@ -1,6 +1,10 @@
-"""Synthetic PASCAL-5i-like source: determinism, labels, class separability, folds."""
+"""Synthetic PASCAL-5i-like sources (SyntheticShapes, SyntheticScenes): determinism, labels,
+class separability and design, folds, sizes."""
 
+import collections
 import hashlib
+import itertools
+import os
 import subprocess
 import sys
 import time
@@ -12,12 +16,14 @@ from cgmgm.data import (
     CLASS_SPECS,
     EpisodeDataset,
     SegmentationSource,
+    SyntheticScenes,
     SyntheticShapes,
     base_classes,
     build_source,
     novel_classes,
     scaled_min_pixels,
 )
+from cgmgm.data.synthetic import SCENE_CLASSES, SCENE_TYPES, TEXTURES, Appearance
 
 
 def _digest(src: SyntheticShapes, idx) -> str:
@@ -187,7 +193,253 @@ def test_every_class_has_enough_images(train, val, shot):
 
 
 def test_build_source():
-    src = build_source("synthetic", "val", num_images=5, image_size=32)
+    src = build_source("synthetic_shapes", "val", num_images=5, image_size=32)
     assert isinstance(src, SyntheticShapes) and len(src) == 5 and src.split == "val"
+    scenes = build_source("synthetic", "val", num_images=5, image_size=32)
+    assert isinstance(scenes, SyntheticScenes) and not isinstance(scenes, SyntheticShapes)
+    assert len(scenes) == 5 and scenes.image_size == (32, 32)
     with pytest.raises(ValueError, match="unknown dataset"):
         build_source("nope")
+
+
+# ---------------------------------------------------------------------------------------
+# SyntheticScenes
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scenes_val() -> SyntheticScenes:
+    return SyntheticScenes("val")
+
+
+@pytest.fixture(scope="module")
+def scenes_train() -> SyntheticScenes:
+    return SyntheticScenes("train")
+
+
+def test_scenes_protocol_and_types(scenes_val):
+    src = scenes_val
+    assert isinstance(src, SegmentationSource)
+    assert src.num_classes == 20 and src.fold_scheme == "block" and len(src) == 300
+    assert src.class_names[0] == "background" and len(set(src.class_names)) == 21
+    img, mask = src.load(7)
+    assert img.shape == (128, 128, 3) and img.dtype == np.uint8
+    assert mask.shape == (128, 128) and mask.dtype == np.uint8
+    assert src.min_pixels_for(mask.shape) == scaled_min_pixels(128, 128)
+    values = set(np.unique(mask).tolist())
+    assert values <= set(range(21)) | {255}
+    assert 0 in values and 255 in values
+    assert src.classes_in(7) <= src.labels_in(7) <= set(range(1, 21))
+    assert src.load(7) is src.load(7)  # cached
+    with pytest.raises(IndexError):
+        src.load(300)
+    per_split = {"train": 12, "val": 7}
+    assert len(SyntheticScenes("val", num_images=per_split)) == 7
+    assert len(SyntheticScenes("test", num_images=per_split)) == 300
+    with pytest.raises(ValueError, match="split"):
+        SyntheticScenes("dev")
+    with pytest.raises(ValueError, match="max_objects"):
+        SyntheticScenes("val", max_objects=0)
+    with pytest.raises(ValueError, match="image_size"):
+        SyntheticScenes("val", image_size=8)
+
+
+def _scenes_digest(src: SyntheticScenes, idx) -> str:
+    h = hashlib.sha256()
+    for i in idx:
+        img, mask, parts = src.render_parts(i)
+        h.update(img.tobytes())
+        h.update(mask.tobytes())
+        h.update(parts.tobytes())
+    return h.hexdigest()
+
+
+def test_scenes_deterministic_across_calls_instances_and_processes():
+    a = SyntheticScenes("val", seed=3)
+    idx = [0, 5, 123]
+    d = _scenes_digest(a, idx)
+    assert _scenes_digest(a, idx) == d
+    assert _scenes_digest(SyntheticScenes("val", seed=3), idx) == d
+    b = SyntheticScenes("val", seed=3)
+    b.load(123), b.load(0)  # load order does not matter
+    assert np.array_equal(b.load(5)[0], a.render(5)[0])
+    assert np.array_equal(b.load(5)[1], a.render_parts(5)[1])
+    code = (
+        "import hashlib; from cgmgm.data import SyntheticScenes as S; s = S('val', seed=3); "
+        "h = hashlib.sha256()\n"
+        "for i in [0, 5, 123]:\n"
+        "    x, m, p = s.render_parts(i); h.update(x.tobytes()); h.update(m.tobytes()); "
+        "h.update(p.tobytes())\n"
+        "print(h.hexdigest())"
+    )
+    env = dict(os.environ, PYTHONHASHSEED="12345")  # no dependence on str/set hashing
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    assert out.stdout.strip() == d
+    assert _scenes_digest(SyntheticScenes("val", seed=4), idx) != d
+    assert _scenes_digest(SyntheticScenes("train", seed=3), idx) != d
+    assert _scenes_digest(SyntheticScenes("test", seed=3), idx) != d
+
+
+def test_scenes_labels_parts_and_border():
+    src = SyntheticScenes("val", num_images=30)
+    plain = SyntheticScenes("val", num_images=30, border=0)
+    wide = SyntheticScenes("val", num_images=30, border=2)
+    for i in range(30):
+        img, m, parts = src.render_parts(i)
+        img0, m0, parts0 = plain.render_parts(i)
+        assert np.array_equal(img, img0) and np.array_equal(parts, parts0)
+        assert 255 not in m0
+        # every part pixel carries its object's class, and nothing else does
+        assert np.array_equal(m0 > 0, parts0 > 0)
+        for c in np.unique(m0[m0 > 0]):
+            assert parts0[m0 == c].max() <= len(SCENE_CLASSES[c - 1].parts)
+        band = m == 255
+        assert band.any() and np.array_equal(m[~band], m0[~band])
+        assert (m0[band] > 0).all()  # the band lies on object pixels
+        assert band.sum() < 0.5 * (m0 > 0).sum()
+        band2 = wide.load(i)[1] == 255
+        assert (band2 >= band).all() and band2.sum() > band.sum()
+
+
+def test_scenes_min_pixel_rule(scenes_val):
+    thr = scenes_val.min_pixels_for((128, 128))
+    for i in range(50):
+        counts = scenes_val.class_pixel_counts(i)
+        assert scenes_val.classes_in(i) == {c for c in range(1, 21) if counts[c] >= thr}
+        assert scenes_val.labels_in(i) == {c for c in range(1, 21) if counts[c] > 0}
+        assert scenes_val.labels_in(i) <= set(scenes_val.object_classes(i))
+
+
+def test_scenes_every_class_has_enough_images(scenes_train, scenes_val):
+    per_class = np.zeros(21, dtype=int)
+    for i in range(len(scenes_val)):
+        for c in scenes_val.classes_in(i):
+            per_class[c] += 1
+    assert per_class[1:].min() >= 20, per_class[1:]
+    for f in range(4):
+        tr = EpisodeDataset(scenes_train, f, 5, "train", 10)  # BAM filter: no novel pixels
+        te = EpisodeDataset(scenes_val, f, 5, "test", 10)
+        assert min(len(v) for v in tr.class_images.values()) >= 40
+        assert min(len(v) for v in te.class_images.values()) >= 20
+
+
+def test_scenes_object_counts_and_sizes(scenes_val):
+    counts = [len(scenes_val.object_classes(i)) for i in range(len(scenes_val))]
+    shares = np.bincount(counts, minlength=4)[1:] / len(counts)
+    assert len(shares) == 3 and (shares > 0.25).all(), shares  # 1, 2 and 3 objects
+    for i in range(len(scenes_val)):
+        classes = scenes_val.object_classes(i)
+        assert len(set(classes)) == len(classes)
+    # visible object area (ignore band excluded) as a fraction of the image
+    frac = [
+        scenes_val.class_pixel_counts(i)[c] / 128**2
+        for i in range(len(scenes_val))
+        for c in scenes_val.labels_in(i)
+    ]
+    lo, med, hi = np.percentile(frac, [10, 50, 90])
+    assert 0.03 < lo and 0.05 < med < 0.3 and hi < 0.35, (lo, med, hi)
+    single = SyntheticScenes("val", num_images=40, max_objects=1)
+    assert all(len(single.object_classes(i)) == 1 for i in range(40))
+    assert all(len(single.labels_in(i)) <= 1 for i in range(40))
+
+
+def test_scenes_parts_look_unlike_each_other(scenes_val):
+    """The per-part mean colours of one object are far apart: one prototype (their mean)
+    is a poor description of the class."""
+    min_dist: dict[int, list[float]] = {c: [] for c in range(1, 21)}
+    for i in range(len(scenes_val)):
+        img, mask, parts = scenes_val.render_parts(i)
+        x = img.astype(np.float64)
+        for c in scenes_val.classes_in(i):
+            region = mask == c  # the ignore band excluded
+            means = [
+                x[region & (parts == k + 1)].mean(0)
+                for k in range(len(SCENE_CLASSES[c - 1].parts))
+                if (region & (parts == k + 1)).sum() >= 30
+            ]
+            if len(means) >= 2:
+                d = [np.linalg.norm(a - b) for j, a in enumerate(means) for b in means[j + 1 :]]
+                min_dist[c].append(min(d))
+    for c, d in min_dist.items():
+        name = SCENE_CLASSES[c - 1].name
+        assert len(d) >= 10, name
+        assert np.mean(np.asarray(d) >= 50.0) >= 0.9, (name, sorted(d)[:5])
+        assert np.median(d) >= 90.0, (name, np.median(d))
+
+
+def test_scene_class_design():
+    assert len(SCENE_CLASSES) == 20 and len({c.name for c in SCENE_CLASSES}) == 20
+    assert SyntheticScenes.class_names == ("background",) + tuple(c.name for c in SCENE_CLASSES)
+    users: dict[Appearance, set[str]] = {}
+    combos = set()
+    for cls in SCENE_CLASSES:
+        assert 2 <= len(cls.parts) <= 3, cls.name
+        for part in cls.parts:
+            a, b = part.modes
+            assert a.texture in TEXTURES and b.texture in TEXTURES
+            # the two modes of a part differ in texture or clearly in colour
+            assert a != b and (
+                a.texture != b.texture or np.linalg.norm(a.mean_colour() - b.mean_colour()) > 40
+            ), (cls.name, part.name)
+            for m in part.modes:
+                users.setdefault(m, set()).add(cls.name)
+        # no two parts of a class can look alike, whatever modes an instance draws
+        for p, q in itertools.combinations(cls.parts, 2):
+            for a, b in itertools.product(p.modes, q.modes):
+                assert np.linalg.norm(a.mean_colour() - b.mean_colour()) > 55, (cls.name, p, q)
+        combos.add(frozenset(m for part in cls.parts for m in part.modes))
+    assert len(combos) == 20  # the combination of part appearances identifies the class
+    shared = [m for m, names in users.items() if len(names) >= 3]
+    assert len(shared) >= 4  # e.g. black wheels, glass, leaves, wood, metal
+    # some shared appearance spans three folds: it gives neither the class nor the fold away
+    fold_of = {c.name: (k // 5) for k, c in enumerate(SCENE_CLASSES)}
+    assert any(len({fold_of[n] for n in users[m]}) >= 3 for m in shared)
+
+
+def _background_stats(img: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, float]:
+    """(mean colour [3], mean absolute horizontal difference) over background pixels."""
+    x = img.astype(np.float64)
+    bg = mask == 0
+    both = bg[:, 1:] & bg[:, :-1]
+    grad = np.abs(np.diff(x, axis=1)).sum(-1)[both].mean()
+    return x[bg].mean(0), float(grad)
+
+
+def test_scene_backgrounds_vary(scenes_val):
+    kinds = [scenes_val.scene_of(i) for i in range(100)]
+    counts = collections.Counter(kinds)
+    assert set(counts) == set(SCENE_TYPES) and min(counts.values()) >= 5, counts
+    means, grads = [], collections.defaultdict(list)
+    for i, kind in enumerate(kinds):
+        mean, grad = _background_stats(*scenes_val.load(i))
+        means.append(mean)
+        grads[kind].append(grad)
+    means = np.asarray(means)
+    pair = np.linalg.norm(means[:, None] - means[None], axis=-1)[np.triu_indices(100, 1)]
+    assert np.median(pair) > 40  # backgrounds of two images usually differ in colour
+    # scene_of names what is drawn: smooth fields are smooth (image noise only: ~14),
+    # noise, clutter and mosaic are not (~70, ~36, ~31)
+    smooth = np.median(grads["smooth"])
+    assert smooth < 20 and np.median(grads["noise"]) > 3 * smooth
+    assert np.median(grads["clutter"]) > 1.8 * smooth
+    assert np.median(grads["mosaic"]) > 1.5 * smooth
+
+
+@pytest.mark.parametrize("size", [64, (64, 100), (100, 64), (72, 160)])
+def test_scenes_sizes(size):
+    src = SyntheticScenes("train", num_images=60, image_size=size)
+    h, w = (size, size) if isinstance(size, int) else size
+    assert src.image_size == (h, w)
+    frac = []
+    for i in range(len(src)):
+        img, mask, parts = src.render_parts(i)
+        assert img.shape == (h, w, 3) and mask.shape == parts.shape == (h, w)
+        frac += [src.class_pixel_counts(i)[c] / (h * w) for c in src.labels_in(i)]
+    assert src.min_pixels_for((h, w)) == scaled_min_pixels(h, w)
+    assert sum(len(src.classes_in(i)) > 0 for i in range(len(src))) >= 0.9 * len(src)
+    assert 0.04 < np.median(frac) < 0.3
+    # objects reach every side of the image: placement spans the whole (H, W) frame
+    ys, xs = np.nonzero(np.stack([src.load(i)[1] for i in range(len(src))]).max(0) > 0)
+    assert ys.min() < 0.1 * h and ys.max() > 0.9 * h and xs.min() < 0.1 * w and xs.max() > 0.9 * w

@@ -1,7 +1,8 @@
 """Data: class-index sources, episodic sampling, the Lightning data module.
 
-Importing the package registers the sources "synthetic", "pascal", "coco", "fss1000" and
-"folder" (:func:`build_source`).
+Importing the package registers the sources "synthetic" (:class:`SyntheticScenes`),
+"synthetic_shapes" (:class:`SyntheticShapes`), "pascal", "coco", "fss1000" and "folder"
+(:func:`build_source`).
 """
 
 from cgmgm.data.coco import COCO2014
@@ -29,7 +30,13 @@ from cgmgm.data.folder import FolderSource
 from cgmgm.data.fss1000 import FSS1000
 from cgmgm.data.pascal import PascalVOC
 from cgmgm.data.protocols import PROTOCOLS, Protocol, get_protocol
-from cgmgm.data.synthetic import CLASS_NAMES, CLASS_SPECS, ClassSpec, SyntheticShapes
+from cgmgm.data.synthetic import (
+    CLASS_NAMES,
+    CLASS_SPECS,
+    ClassSpec,
+    SyntheticScenes,
+    SyntheticShapes,
+)
 
 __all__ = [
     "CLASS_NAMES",
@@ -51,6 +58,7 @@ __all__ = [
     "Protocol",
     "SegmentationSource",
     "ShardedEvalSampler",
+    "SyntheticScenes",
     "SyntheticShapes",
     "Transform",
     "base_classes",
