@@ -272,3 +272,19 @@ def png_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def write_gray_png(path: Path, mask: np.ndarray) -> None:
+    """A single-channel 'L' PNG of ``mask`` (values as given)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(mask.astype(np.uint8), mode="L").save(path)
+
+
+def write_exif_jpeg(path: Path, seed: int, shape: tuple[int, int], orientation: int) -> None:
+    """A JPEG whose stored pixels are ``shape`` (H, W), tagged with EXIF ``orientation``."""
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, size=(*shape, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, quality=95, exif=exif)

@@ -143,13 +143,16 @@ def check_protocol(cfg: Any, datamodule: Any) -> None:
 
 def protocol_record(datamodule: Any) -> dict[str, Any]:
     """What a run's numbers follow, for metrics.json: the protocol's description (or None),
-    the test episodes per run, the original-size canvas and the dataset root."""
+    the test episodes per run, the original-size canvas, the dataset root and the train and
+    test classes."""
     protocol = getattr(datamodule, "protocol", None)
+    classes = datamodule.class_record() if hasattr(datamodule, "class_record") else {}
     return {
         "dataset_root": datamodule.dataset_kwargs.get("root"),
         "protocol": protocol.as_dict() if protocol is not None else None,
         "test_episodes": int(datamodule.test_episodes),
         "original_size": datamodule.original_size,
+        **classes,  # train / test class ids and names, seen test classes
     }
 
 

@@ -23,7 +23,7 @@ from cgmgm.data.episodes import (
     source_novel_classes,
 )
 from cgmgm.data.protocols import Protocol, get_protocol
-from cgmgm.data.synthetic import SyntheticShapes
+from cgmgm.data.synthetic import SyntheticScenes, SyntheticShapes
 
 __all__ = [
     "SOURCES",
@@ -47,7 +47,8 @@ def register_source(name: str) -> Callable[[Callable[..., Any]], Callable[..., A
     return deco
 
 
-register_source("synthetic")(SyntheticShapes)
+register_source("synthetic")(SyntheticScenes)
+register_source("synthetic_shapes")(SyntheticShapes)
 
 
 def build_source(name: str, split: str = "train", **kwargs: Any) -> SegmentationSource:
@@ -148,8 +149,15 @@ class EpisodicDataModule(L.LightningDataModule):
             for the protocol's (BAM augmentation / test-time resize; none without a
             protocol), None for none (images at their own size, as the embedded benchmark).
         classes: val/test classes instead of the fold's novel classes: a list of class ids,
-            or "all" for every class of the evaluation source (e.g. FSS-1000, CamVid).
+            "all" for every class of the evaluation source (e.g. FSS-1000, CamVid), or "auto":
+            every class when ``training_free`` (a model that learned no class), else the
+            fold's novel classes.
         train_classes: training classes instead of the fold's base classes (list or "all").
+        training_free: the evaluated model learned no class (``model.training_free``).
+        allow_seen_classes: let a training run test (and validate) on classes it trains on,
+            or an evaluation on ``seen_classes``; otherwise that is refused (compared by
+            class name, so class lists of different splits compare correctly).
+        seen_classes: names of the classes a checkpoint was trained on (evaluation runs).
         original_size: val/test episodes also carry the query label at original size,
             255-padded to this square (``query_mask_orig``, ``query_orig_size``; see
             :class:`EpisodeDataset`), for scoring at original size; "auto": the longest
@@ -188,6 +196,9 @@ class EpisodicDataModule(L.LightningDataModule):
         classes: Sequence[int] | str | None = None,
         train_classes: Sequence[int] | str | None = None,
         original_size: int | str | None = None,
+        training_free: bool = False,
+        allow_seen_classes: bool = False,
+        seen_classes: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         self.dataset = dataset
@@ -223,6 +234,9 @@ class EpisodicDataModule(L.LightningDataModule):
         self.eval_transform = self._transform(eval_transform, "eval", name)
         self.eval_classes = _plain(classes)
         self.train_classes = _plain(train_classes)
+        self.training_free = bool(training_free)
+        self.allow_seen_classes = bool(allow_seen_classes)
+        self.seen_classes = [str(c) for c in _plain(seen_classes) or ()]
         self.original_size: int | None = None
         self._original_spec = original_size
         if p is not None and (not p.score_at_original or self.eval_transform is None):
@@ -264,12 +278,17 @@ class EpisodicDataModule(L.LightningDataModule):
         return self._sources[split]
 
     def _resolve_classes(self, spec: Any, src: SegmentationSource) -> list[int] | None:
-        """None -> None (the fold's classes); "all" -> 1..num_classes; else the given ids."""
+        """None -> None (the fold's classes); "all" -> 1..num_classes; "auto" -> "all" for a
+        training-free model, else None; else the given ids."""
+        if spec == "auto":
+            spec = "all" if self.training_free else None
         if spec is None:
             return None
         if isinstance(spec, str):
             if spec != "all":
-                raise ValueError(f"classes must be None, 'all' or a list of ids, got {spec!r}")
+                raise ValueError(
+                    f"classes must be None, 'all', 'auto' or a list of ids, got {spec!r}"
+                )
             return list(range(1, int(src.num_classes) + 1))
         return [int(c) for c in spec]
 
@@ -312,6 +331,7 @@ class EpisodicDataModule(L.LightningDataModule):
         return self.original_size
 
     def setup(self, stage: str | None = None) -> None:
+        self.check_class_split(training=stage in (None, "fit") or self.train_set is not None)
         if stage in (None, "fit") and self.train_set is None:
             self.train_set = self._episodes(
                 "train", self.train_episodes, self.seed, self.train_transform
@@ -335,6 +355,73 @@ class EpisodicDataModule(L.LightningDataModule):
         if explicit is not None:
             return sorted(set(explicit))
         return source_novel_classes(src, self.fold, self.num_folds)
+
+    @property
+    def train_class_ids(self) -> list[int]:
+        """The training classes (ids of the train split's source): the fold's base classes,
+        or ``train_classes`` when given."""
+        if self.train_set is not None:
+            return list(self.train_set.classes)
+        src = self.source(self.train_split)
+        spec = None if self.train_classes == "auto" else self.train_classes
+        explicit = self._resolve_classes(spec, src)
+        if explicit is not None:
+            return sorted(set(explicit))
+        novel = set(source_novel_classes(src, self.fold, self.num_folds))
+        return [c for c in range(1, int(src.num_classes) + 1) if c not in novel]
+
+    def class_names_for(self, split: str, ids: Sequence[int]) -> list[str]:
+        """Names of class ``ids`` of image split ``split``'s source (the ids as text when the
+        source has no ``class_names``)."""
+        names = getattr(self.source(split), "class_names", None)
+        return [str(names[c]) if names is not None and c < len(names) else str(c) for c in ids]
+
+    def check_class_split(self, training: bool = True) -> list[str]:
+        """Names of the test classes the model has seen: training classes (``training``) and
+        ``seen_classes``. Raises ValueError when there are any, unless
+        ``allow_seen_classes``; returns them (empty when disjoint)."""
+        seen = set(self.seen_classes)
+        if training:
+            seen |= set(self.class_names_for(self.train_split, self.train_class_ids))
+        if not seen:
+            return []
+        test = self.class_names_for(self.eval_split, self.classes)
+        both = [n for n in test if n in seen]
+        if both and not self.allow_seen_classes:
+            what = "trains on" if training else "was trained on (seen_classes)"
+            shown = ", ".join(repr(n) for n in both[:8]) + (" ..." if len(both) > 8 else "")
+            novel = source_novel_classes(self.source(self.eval_split), self.fold, self.num_folds)
+            raise ValueError(
+                f"{len(both)} of the {len(test)} test classes are classes this run {what}: "
+                f"{shown}. Scores on them measure memorised classes, not few-shot "
+                f"segmentation. Fix: test on fold {self.fold}'s novel classes "
+                f"{self.class_names_for(self.eval_split, novel)[:8]} and train on the others "
+                "(dataset.classes=auto, dataset.train_classes=null), define the folds "
+                "(dataset.dataset_kwargs.folds=4 or a list of class lists, then fold=k), or "
+                "set dataset.allow_seen_classes=true to test on seen classes anyway"
+            )
+        return both
+
+    def class_record(self, training: bool | None = None) -> dict[str, Any]:
+        """Train and test classes (ids and names) for metrics.json. ``training`` None: True
+        once the training set was built. Without training, ``train_class_names`` holds
+        ``seen_classes`` (None when empty)."""
+        training = self.train_set is not None if training is None else training
+        test = self.classes
+        if training:
+            train_ids = self.train_class_ids
+            train_names = self.class_names_for(self.train_split, train_ids)
+        else:
+            train_ids, train_names = None, list(self.seen_classes) or None
+        test_names = self.class_names_for(self.eval_split, test)
+        return {
+            "train_class_ids": train_ids,
+            "train_class_names": train_names,
+            "test_class_ids": list(test),
+            "test_class_names": test_names,
+            "seen_test_classes": [n for n in test_names if n in set(train_names or ())],
+            "allow_seen_classes": self.allow_seen_classes,
+        }
 
     def _world(self) -> tuple[int, int]:
         """(num_replicas, rank) of the current run."""

@@ -1,20 +1,28 @@
 """Shared machinery of the file-backed sources (PASCAL, COCO, FSS-1000, user folders).
 
-- :func:`read_image` / :func:`read_label`: decode one file, or raise :class:`DatasetError`
-  naming it and the fix;
+- :func:`read_image` / :func:`read_label` / :func:`read_gray`: decode one file, or raise
+  :class:`DatasetError` naming it and the fix; :func:`read_header`: an image's size and EXIF
+  orientation from its header, with a cheap check that its data is complete;
 - :func:`read_list`: per-split list files, either one image id per line or PFENet/BAM lines
   ``JPEGImages/x.jpg SegmentationClassAug/x.png`` (paths relative to the dataset root);
-  every listed file must exist, nothing is skipped silently;
+  every listed file must exist, nothing is skipped silently; suffixes match in any case
+  (``x.JPG``, ``x.jpeg``);
 - :class:`FileSource`: a :class:`~cgmgm.data.episodes.ClassIndexSource` over (image, mask)
   files whose pixel statistics read only the masks, optionally from a cache written by
-  ``python -m cgmgm.data.prepare`` (``lists/<split>_pixels.npz``).
+  ``python -m cgmgm.data.prepare`` (``lists/<split>_pixels.npz``). Without a cache the
+  first statistic read checks every file at once (:meth:`FileSource.validate`): each mask
+  is decoded (its pixel counts are kept) and each image header read, and whatever does not
+  fit is reported together, naming the files, before any episode is drawn;
+- :func:`parse_folds`: class folds as "all", PASCAL-style blocks or user lists.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +35,40 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "DatasetError",
     "FileSource",
+    "ScanReport",
+    "block_folds",
     "check_hint",
+    "has_suffix",
+    "index_dir",
     "natural_key",
+    "parse_folds",
+    "pick_file",
+    "read_gray",
+    "read_header",
     "read_image",
     "read_label",
     "read_list",
     "require_dir",
     "require_root",
+    "show_files",
     "split_option",
 ]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".JPG", ".JPEG", ".PNG")
+# Image suffixes the sources accept, compared in lower case (x.JPG, x.Jpeg and x.png all count).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# What an EXIF orientation tag (0x0112) asks a viewer to do before showing the stored pixels.
+_ORIENTATION = {
+    2: "mirror",
+    3: "rotate 180 degrees",
+    4: "flip upside down",
+    5: "transpose",
+    6: "rotate 90 degrees clockwise",
+    7: "transverse",
+    8: "rotate 90 degrees anticlockwise",
+}
+# The bytes that end a complete file of these formats (JPEG EOI marker, PNG IEND chunk).
+_END_MARKERS = {"JPEG": b"\xff\xd9", "MPO": b"\xff\xd9", "PNG": b"IEND"}
+_SHOWN = 10  # files named in one message
 
 
 class DatasetError(ValueError):
@@ -47,6 +78,45 @@ class DatasetError(ValueError):
 def check_hint(dataset: str, root: str | Path) -> str:
     """The command that explains what a dataset root lacks and where to get it."""
     return f"run `python -m cgmgm.data.prepare check --dataset {dataset} --root {root}`"
+
+
+def show_files(items: Sequence[Any], limit: int = _SHOWN) -> str:
+    """``a, b, c`` for a short list; the first ``limit`` and "... and N more" otherwise."""
+    shown = ", ".join(str(x) for x in items[:limit])
+    return shown + (f" ... and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def has_suffix(path: str | Path, suffixes: Iterable[str]) -> bool:
+    """True when ``path`` ends in one of ``suffixes``, compared in lower case."""
+    return Path(path).suffix.lower() in {s.lower() for s in suffixes}
+
+
+def index_dir(directory: Path) -> dict[str, list[Path]]:
+    """The visible regular files of ``directory`` by stem (``{"a": [a.jpg, a.PNG]}``);
+    empty when the directory does not exist."""
+    out: dict[str, list[Path]] = {}
+    if not directory.is_dir():
+        return out
+    with os.scandir(directory) as entries:
+        for e in entries:
+            if not e.name.startswith(".") and e.is_file():
+                p = Path(e.path)
+                out.setdefault(p.stem, []).append(p)
+    return out
+
+
+def pick_file(
+    index: Mapping[str, Sequence[Path]], stem: str, suffixes: Sequence[str], what: str
+) -> Path | None:
+    """The one file of ``index`` named ``stem`` + a suffix of ``suffixes`` (any case); None if
+    there is none; DatasetError when several match (which one is meant is ambiguous)."""
+    found = sorted(p for p in index.get(stem, ()) if has_suffix(p, suffixes))
+    if len(found) > 1:
+        raise DatasetError(
+            f"{what} {stem!r} is ambiguous: {show_files([str(p) for p in found])} all match. "
+            "Fix: keep one of them (rename or remove the others)"
+        )
+    return found[0] if found else None
 
 
 def require_root(root: str | Path | None, dataset: str) -> Path:
@@ -80,8 +150,16 @@ def natural_key(name: str) -> list[Any]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
+def _undecodable(path: Path, e: BaseException) -> DatasetError:
+    return DatasetError(
+        f"cannot decode image {path} ({e}): the file is corrupt or truncated. Fix: "
+        "re-extract it from the official archive (or remove it from the split list)"
+    )
+
+
 def read_image(path: str | Path) -> np.ndarray:
-    """RGB image file -> uint8 [H, W, 3]; a missing or undecodable file raises DatasetError."""
+    """RGB image file -> uint8 [H, W, 3] (stored pixels; an EXIF orientation tag is not
+    applied); a missing or undecodable file raises DatasetError."""
     path = Path(path)
     try:
         with Image.open(path) as im:
@@ -89,10 +167,61 @@ def read_image(path: str | Path) -> np.ndarray:
     except FileNotFoundError:
         raise DatasetError(f"image file {path} does not exist") from None
     except (OSError, SyntaxError, ValueError) as e:
+        raise _undecodable(path, e) from e
+
+
+def _ends_with(path: Path, marker: bytes, tail: int = 256) -> bool:
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        fh.seek(max(0, fh.tell() - tail))
+        return marker in fh.read()
+
+
+def read_header(path: str | Path) -> tuple[int, int, int]:
+    """(H, W, EXIF orientation) of an image, from its header (no decoding).
+
+    A JPEG or PNG whose last bytes lack its end marker (JPEG EOI, PNG IEND) is decoded once
+    to tell a truncated file (DatasetError) from one with trailing data (fine). Orientation
+    is the EXIF tag of JPEGs (1 = as stored; other formats: 1).
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            orientation = 1
+            if im.format in ("JPEG", "MPO"):
+                orientation = int(im.getexif().get(0x0112, 1) or 1)
+            marker = _END_MARKERS.get(im.format or "")
+            if marker is not None and not _ends_with(path, marker):
+                im.load()  # raises on a truncated file
+    except FileNotFoundError:
+        raise DatasetError(f"image file {path} does not exist") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise _undecodable(path, e) from e
+    return h, w, orientation
+
+
+def read_gray(path: str | Path) -> np.ndarray:
+    """Any mask image -> uint8 [H, W] gray values (RGB and palette images converted)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("L"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise DatasetError(f"label file {path} does not exist") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise DatasetError(
-            f"cannot decode image {path} ({e}): the file is corrupt or truncated. Fix: "
-            "re-extract it from the official archive (or remove it from the split list)"
+            f"cannot decode label {path} ({e}): the file is corrupt or truncated. Fix: "
+            "rebuild it or re-extract it"
         ) from e
+
+
+def value_set(arr: np.ndarray, limit: int = 8) -> str:
+    """``{0, 1}``: the distinct values of a uint8 array (the first ``limit`` and a count)."""
+    values = np.flatnonzero(np.bincount(np.asarray(arr, dtype=np.uint8).ravel(), minlength=256))
+    shown = ", ".join(str(int(v)) for v in values[:limit])
+    more = f", ... ({len(values)} values)" if len(values) > limit else ""
+    return "{" + shown + more + "}"
 
 
 def read_label(path: str | Path, binary_threshold: int | None = None) -> np.ndarray:
@@ -104,11 +233,10 @@ def read_label(path: str | Path, binary_threshold: int | None = None) -> np.ndar
     the result is 1 where gray > t, else 0 (FSS-1000 / DAVIS masks).
     """
     path = Path(path)
+    if binary_threshold is not None:
+        return (read_gray(path) > binary_threshold).astype(np.uint8)
     try:
         with Image.open(path) as im:
-            if binary_threshold is not None:
-                gray = np.asarray(im.convert("L"))
-                return (gray > binary_threshold).astype(np.uint8)
             mode = im.mode
             if mode in ("P", "L"):
                 return np.array(im, dtype=np.uint8)
@@ -144,10 +272,8 @@ def _resolve(root: Path, token: str) -> Path:
 
 
 def _strip_ext(name: str) -> str:
-    for ext in IMAGE_EXTENSIONS:
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return name
+    """``x.JPG`` -> ``x``: drops an image suffix of any case (other names are kept whole)."""
+    return Path(name).stem if has_suffix(name, IMAGE_EXTENSIONS) else name
 
 
 def read_list(
@@ -162,10 +288,12 @@ def read_list(
     """Entries ``(key, image path, mask path)`` of a split list, in file order.
 
     A line is either one id (``2007_000032``, optionally with an image extension): image
-    ``root/image_dir/<id><ext>`` (first of ``image_exts`` that exists) and mask
-    ``root/mask_dir/<id><mask_ext>``; or two paths ``image mask`` relative to ``root``
-    (absolute paths are used as they are). Blank lines and ``#`` comments are skipped.
-    Duplicate ids, malformed lines or listed files that do not exist raise DatasetError.
+    ``root/image_dir/<id><ext>`` (the one file with a suffix of ``image_exts``, compared in
+    any case: ``.jpg`` finds ``x.JPG``; two candidates are an error) and mask
+    ``root/mask_dir/<id><mask_ext>`` (any case); or two paths ``image mask`` relative to
+    ``root`` (absolute paths are used as they are). Blank lines and ``#`` comments are
+    skipped. Duplicate ids, malformed lines or listed files that do not exist raise
+    DatasetError.
     """
     if not list_file.is_file():
         raise DatasetError(
@@ -178,6 +306,15 @@ def read_list(
             + "pass the list file explicitly (dataset.dataset_kwargs.list_file=...); "
             + check_hint(dataset, root)
         )
+    if (root / image_dir).resolve() == (root / mask_dir).resolve():
+        image_exts = [e for e in image_exts if e.lower() != mask_ext.lower()]
+    indexes: dict[str, dict[str, list[Path]]] = {}
+
+    def index(d: str) -> dict[str, list[Path]]:
+        if d not in indexes:
+            indexes[d] = index_dir(root / d)
+        return indexes[d]
+
     entries: list[tuple[str, Path, Path]] = []
     seen: dict[str, int] = {}
     missing: list[str] = []
@@ -188,15 +325,10 @@ def read_list(
         tokens = line.split()
         if len(tokens) == 1:
             key = _strip_ext(Path(tokens[0]).name)
-            img = None
-            for ext in image_exts:
-                cand = root / image_dir / f"{key}{ext}"
-                if cand.is_file():
-                    img = cand
-                    break
-            if img is None:
-                img = root / image_dir / f"{key}{image_exts[0]}"
-            mask = root / mask_dir / f"{key}{mask_ext}"
+            img = pick_file(index(image_dir), key, image_exts, f"{list_file}:{n}: image")
+            mask = pick_file(index(mask_dir), key, (mask_ext,), f"{list_file}:{n}: mask")
+            img = img or root / image_dir / f"{key}{image_exts[0]}"
+            mask = mask or root / mask_dir / f"{key}{mask_ext}"
         elif len(tokens) == 2:
             img, mask = _resolve(root, tokens[0]), _resolve(root, tokens[1])
             key = _strip_ext(img.name)
@@ -227,6 +359,85 @@ def read_list(
     return entries
 
 
+# Start-up notices: kind -> (what the masks show, what it means). One warning per kind.
+_NOTICES = {
+    "no_class": (
+        "hold no class pixel (only background and 255 = ignore)",
+        "their images are never drawn in an episode",
+    ),
+    "no_background": (
+        "have no background pixel (one class covers every labelled pixel)",
+        "a query drawn from them has no background to tell apart and scores 0 (is the mask "
+        "inverted, or the object the whole image?)",
+    ),
+    "all_ignore": (
+        "are entirely 255 (ignore)",
+        "nothing in their images is learnt or scored",
+    ),
+    "exif": (
+        "belong to images with an EXIF orientation tag that the loader does not apply",
+        "the stored pixels are used (the mask sizes agree with them); if a mask was drawn on "
+        "the rotated view, rotate it to the stored pixels",
+    ),
+}
+
+
+@dataclass
+class ScanReport:
+    """What :meth:`FileSource.scan` found: ``problems`` (each a full message naming its file
+    and the fix; any one stops a run) and ``notices`` (kind -> files; warnings, counted)."""
+
+    where: str
+    problems: list[str] = field(default_factory=list)
+    notices: dict[str, list[str]] = field(default_factory=dict)
+    hints: dict[str, str] = field(default_factory=dict)  # kind -> source-specific advice
+
+    def notice_messages(self) -> list[str]:
+        out = []
+        for kind, files in self.notices.items():
+            what, meaning = _NOTICES[kind]
+            hint = f" {self.hints[kind]}" if kind in self.hints else ""
+            out.append(
+                f"{self.where}: {len(files)} mask(s) {what}; {meaning}.{hint} Files: "
+                f"{show_files(files)}"
+            )
+        return out
+
+    def error_text(self) -> str:
+        lines = "\n".join(f"  - {p}" for p in self.problems[:_SHOWN])
+        more = (
+            f"\n  ... and {len(self.problems) - _SHOWN} more" if len(self.problems) > _SHOWN else ""
+        )
+        return (
+            f"{self.where}: {len(self.problems)} problem(s) found at start-up (every mask and "
+            f"image header is read before the first episode):\n{lines}{more}"
+        )
+
+
+def size_mismatch(
+    mask_name: str,
+    mask_hw: tuple[int, int],
+    image: Path,
+    image_hw: tuple[int, int],
+    orientation: int = 1,
+) -> str:
+    """The message of a mask whose size differs from its image's, EXIF rotation included."""
+    (mh, mw), (ih, iw) = mask_hw, image_hw
+    msg = (
+        f"mask {mask_name} is {mh}x{mw} but image {image} is {ih}x{iw} (HxW); a mask must "
+        "match its image pixel for pixel."
+    )
+    if orientation in (5, 6, 7, 8) and (mh, mw) == (iw, ih):
+        return msg + (
+            f" The image's EXIF orientation tag ({orientation}: "
+            f"{_ORIENTATION[orientation]}) shows it as {iw}x{ih}, which the mask matches: the "
+            "mask was drawn on the rotated view, but the loader reads the stored pixels (EXIF "
+            "is not applied). Fix: store the image upright (e.g. "
+            "PIL.ImageOps.exif_transpose(im).save(path)) or rotate the mask back"
+        )
+    return msg + " Fix: rebuild or re-extract the pair"
+
+
 class FileSource(ClassIndexSource):
     """Class-index source over image files; subclasses fill the entries and ``_read_mask``.
 
@@ -240,6 +451,10 @@ class FileSource(ClassIndexSource):
             equal ``keys`` and its class count matches (prepare rebuilds it with the masks;
             delete it after editing masks by hand), otherwise a warning says why it is
             ignored and counts are computed from the masks. None: no cache.
+
+    Without a cache, the first pixel statistic asked for runs :meth:`validate` over every
+    image (what building episodes does anyway): a problem in any file stops the run there,
+    naming all of them, instead of when its episode is drawn.
     """
 
     dataset_name = "folder"
@@ -261,25 +476,27 @@ class FileSource(ClassIndexSource):
             self.mask_paths is not None and len(self.mask_paths) != len(self.keys)
         ):
             raise ValueError("keys, image_paths and mask_paths must have equal lengths")
+        self._image_hw: list[tuple[int, int]] | None = None  # from validate()
+        self.scan_notices: dict[str, list[str]] = {}  # what validate() warned about
+        self._validated = False
         if stats_cache is not None and Path(stats_cache).is_file():
             self._load_stats(Path(stats_cache))
 
     def __len__(self) -> int:
         return len(self.keys)
 
+    def _where(self) -> str:
+        root = getattr(self, "root", None)
+        return f"{self.dataset_name} data" + (f" at {root}" if root is not None else "")
+
     def image_sizes(self) -> list[tuple[int, int]]:
-        """(H, W) of every image, read from the file headers (no decoding)."""
-        sizes = []
-        for path in self.image_paths:
-            try:
-                with Image.open(path) as im:
-                    w, h = im.size
-            except FileNotFoundError:
-                raise DatasetError(f"image file {path} does not exist") from None
-            except (OSError, SyntaxError, ValueError) as e:
-                raise DatasetError(f"cannot read the header of image {path} ({e})") from e
-            sizes.append((h, w))
-        return sizes
+        """(H, W) of every image, read from the file headers (no decoding). Without a
+        pixel-count cache this runs :meth:`validate` (which reads them with the masks)."""
+        if self._image_hw is None and not self._counts:
+            self.validate()
+        if self._image_hw is not None:
+            return list(self._image_hw)
+        return [read_header(p)[:2] for p in self.image_paths]
 
     def _mask_name(self, i: int) -> str:
         return str(self.mask_paths[i]) if self.mask_paths is not None else f"mask of {self.keys[i]}"
@@ -297,10 +514,15 @@ class FileSource(ClassIndexSource):
         image = read_image(self.image_paths[i])
         mask = self._read_mask(i)
         if image.shape[:2] != mask.shape[:2]:
+            orientation = read_header(self.image_paths[i])[2]
             raise DatasetError(
-                f"mask {self._mask_name(i)} is {mask.shape[0]}x{mask.shape[1]} but image "
-                f"{self.image_paths[i]} is {image.shape[0]}x{image.shape[1]} (HxW); a mask "
-                "must match its image pixel for pixel. Fix: rebuild or re-extract the pair"
+                size_mismatch(
+                    self._mask_name(i),
+                    mask.shape[:2],
+                    self.image_paths[i],
+                    image.shape[:2],
+                    orientation,
+                )
             )
         return image, mask
 
@@ -316,6 +538,87 @@ class FileSource(ClassIndexSource):
                 "ignore values (e.g. 'unlabelled') not declared?"
             )
         return mask
+
+    # ------------------------------------------------------------------ start-up checks
+
+    def notice_hints(self) -> dict[str, str]:
+        """Source-specific advice appended to the start-up warnings, by notice kind."""
+        return {
+            "no_class": "A 0/255 binary mask reads as background + ignore in a class-index "
+            "source: store each pixel's class value instead (1 = the first class)."
+        }
+
+    def few_images_fix(self, classes: Sequence[int]) -> str:
+        """How to give ``classes`` more usable images (the episodes' "too few" error)."""
+        lst = getattr(self, "list_file", None)
+        where = f" to the {getattr(self, 'split', '')} list {lst}" if lst is not None else ""
+        return f"add images holding these classes{where}"
+
+    def scan(self) -> ScanReport:
+        """Read every mask (keeping its pixel counts) and every image header; report what
+        does not fit: unreadable or truncated files, masks whose values the source cannot
+        read, mask and image sizes that differ (saying when the image's EXIF rotation
+        explains it), and, as notices, masks with no class pixel, no background pixel, only
+        ignore, or images with an EXIF orientation the loader does not apply."""
+        report = ScanReport(self._where(), hints=self.notice_hints())
+        sizes: list[tuple[int, int]] = []
+        for i in range(len(self)):
+            try:
+                h, w, orientation = read_header(self.image_paths[i])
+            except DatasetError as e:
+                report.problems.append(str(e))
+                h, w, orientation = -1, -1, 1
+            sizes.append((h, w))
+            try:
+                mask = self.load_mask(i)
+            except DatasetError as e:
+                report.problems.append(str(e))
+                continue
+            mh, mw = mask.shape[:2]
+            self._shapes[i] = (mh, mw)
+            hist = np.bincount(np.asarray(mask).ravel(), minlength=256)
+            counts = hist[: self.num_classes + 1]
+            self._counts[i] = (counts, self.min_pixels_for(mask.shape))
+            if h >= 0 and (mh, mw) != (h, w):
+                report.problems.append(
+                    size_mismatch(
+                        self._mask_name(i), (mh, mw), self.image_paths[i], (h, w), orientation
+                    )
+                )
+                continue
+            name = self._mask_name(i)
+            labelled = int(counts.sum())
+            kind = None
+            if labelled == 0:
+                kind = "all_ignore" if hist[IGNORE_INDEX] else "no_class"
+            elif counts[1:].sum() == 0:
+                kind = "no_class"
+            elif counts[0] == 0 and int(counts[1:].max()) == labelled:
+                kind = "no_background"
+            if kind is not None:
+                report.notices.setdefault(kind, []).append(name)
+            if orientation in (2, 3, 4) or (orientation in (5, 6, 7, 8) and h == w):
+                report.notices.setdefault("exif", []).append(
+                    f"{self.image_paths[i]} ({orientation}: {_ORIENTATION[orientation]})"
+                )
+        if not report.problems:
+            self._image_hw = sizes
+        return report
+
+    def validate(self) -> None:
+        """:meth:`scan` once: DatasetError listing every problem, one warning per notice kind.
+
+        Called by the first pixel statistic read without a cache."""
+        if self._validated:
+            return
+        report = self.scan()
+        if report.problems:
+            self._counts.clear()
+            raise DatasetError(report.error_text())
+        for msg in report.notice_messages():
+            warnings.warn(msg, UserWarning, stacklevel=3)
+        self.scan_notices = report.notices
+        self._validated = True
 
     # ------------------------------------------------------------------ pixel-count cache
 
@@ -341,6 +644,9 @@ class FileSource(ClassIndexSource):
         i = self._check_index(i)
         stats = self._counts.get(i)
         if stats is None:
+            self.validate()  # reads every mask once, keeping the counts
+            stats = self._counts.get(i)
+        if stats is None:  # counts dropped after validation (not expected)
             mask = self.load_mask(i)
             self._shapes[i] = tuple(mask.shape[:2])
             counts = np.bincount(np.asarray(mask).ravel(), minlength=256)[: self.num_classes + 1]
@@ -388,3 +694,44 @@ def split_option(value: Any, split: str) -> Any:
             return value["val"]
         raise DatasetError(f"no entry for split {split!r} in {dict(value)}")
     return value
+
+
+def block_folds(num_classes: int, num_folds: int) -> list[list[int]]:
+    """PASCAL-style folds: classes 1..C in ``num_folds`` consecutive blocks (sizes differ by
+    at most one, the larger first; C < num_folds gives C folds of one class)."""
+    k = max(1, min(int(num_folds), int(num_classes)))
+    return [[int(c) + 1 for c in block] for block in np.array_split(np.arange(num_classes), k)]
+
+
+def parse_folds(spec: Any, num_classes: int, class_names: Sequence[str]) -> list[list[int]]:
+    """Folds (lists of class ids 1..C) from "all" (one fold holding every class), an int k
+    (:func:`block_folds`: k blocks of the class list in id order, deterministic), or a list
+    of folds, each a list of class ids or names (``class_names[c]`` names id c)."""
+    if isinstance(spec, str) and spec.isdigit():
+        spec = int(spec)
+    if isinstance(spec, str):
+        if spec != "all":
+            raise DatasetError(
+                f"folds must be 'all', a number of folds or a list of class lists, got {spec!r}"
+            )
+        return [list(range(1, num_classes + 1))]
+    if isinstance(spec, int):
+        if spec < 1:
+            raise DatasetError(f"folds must be >= 1 when a number, got {spec}")
+        return block_folds(num_classes, spec)
+    out = []
+    for f in spec:
+        fold = []
+        for c in f:
+            if isinstance(c, str) and not c.isdigit():
+                if c not in class_names[1:]:
+                    raise DatasetError(f"fold class {c!r} is not one of {list(class_names[1:])}")
+                c = list(class_names).index(c)
+            c = int(c)
+            if not 1 <= c <= num_classes:
+                raise DatasetError(f"fold class id {c} is outside 1..{num_classes}")
+            fold.append(c)
+        out.append(sorted(set(fold)))
+    if not out:
+        raise DatasetError("folds is an empty list")
+    return out

@@ -2,16 +2,22 @@
 
 Layout under ``root``::
 
-    images/<name>.jpg|png         (image_dir)
+    images/<name>.jpg|jpeg|png    (image_dir; suffixes in any case, e.g. x.JPG)
     masks/<name>.png  or labels/  (mask_dir; single-channel class-index PNGs)
     classes.txt | classes.yaml    (optional here when ``classes`` is passed)
     train.txt, val.txt, test.txt  (one image name per line, or "image mask" paths)
+
+Mask values are label values: ``classes[v]`` names value v, 255 is ignore. A value with no
+name is an error naming the file; a mask with no class pixel (e.g. a 0/255 binary mask read
+as class indices: background + ignore) is named in a start-up warning. With
+``list_file="all"`` every image of ``image_dir`` needs its mask and every mask its image.
 
 ``classes[v]`` names the label *value* v. ``background`` is the value meaning background
 (None: every non-ignored value is a class, e.g. CamVid's "sky"), ``ignore_index`` the values
 mapped to 255 (255 always is). The remaining values become classes 1..C in increasing value
 order. Folds: "all" (one fold, every class) or a list of lists of class ids (1..C after the
-mapping) or names. CamVid::
+mapping) or names, or a number k: k PASCAL-style blocks of the classes in id order
+(conf/dataset/folder.yaml: 4). CamVid::
 
     FolderSource("test", root="camvid", classes=[...12 names...], background=None,
                  ignore_index=[11], mask_dir="labels")
@@ -19,6 +25,7 @@ mapping) or names. CamVid::
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,15 +39,19 @@ from cgmgm.data.files import (
     DatasetError,
     FileSource,
     check_hint,
+    has_suffix,
+    index_dir,
     natural_key,
+    parse_folds,
     read_label,
     read_list,
     require_dir,
     require_root,
+    show_files,
     split_option,
 )
 
-__all__ = ["FolderSource", "load_class_names"]
+__all__ = ["FolderSource", "all_pairs", "load_class_names", "pair_dirs"]
 
 _UNKNOWN = 254  # LUT marker for label values that are neither classes, background nor ignore
 
@@ -88,9 +99,10 @@ class FolderSource(FileSource):
         classes: names by label value: a list, a .txt/.yaml path, or None (root/classes.*).
         background: label value of the background, or None for none.
         ignore_index: label value(s) mapped to 255 (ignore).
-        folds: "all" or a list of folds, each a list of class ids (1..C) or names.
+        folds: "all", a number k of PASCAL-style blocks, or a list of folds, each a list of
+            class ids (1..C) or names.
         list_file: split list (path relative to root, absolute, a {split: path} mapping, or
-            "all" for every image in ``image_dir``).
+            "all" for every image in ``image_dir``, each with its mask).
         min_pixels: per-class threshold (default: 2*32*32 scaled to each mask's area).
         stats_cache: optional pixel-count ``.npz`` (see :class:`FileSource`).
     """
@@ -107,7 +119,7 @@ class FolderSource(FileSource):
         classes: str | Sequence[str] | Mapping[int, str] | None = None,
         background: int | None = 0,
         ignore_index: int | Sequence[int] | None = None,
-        folds: str | Sequence[Sequence[int | str]] = "all",
+        folds: str | int | Sequence[Sequence[int | str]] = "all",
         list_file: str | Path | Mapping[str, str] | None = None,
         min_pixels: int | None = None,
         stats_cache: str | Path | None = None,
@@ -138,19 +150,12 @@ class FolderSource(FileSource):
         self.label_values = values  # label value of class k is label_values[k - 1]
         self.num_classes = len(values)
         self.class_names = ("background", *(names[v] for v in values))
-        self.folds = self._parse_folds(folds)
+        self.folds = parse_folds(folds, self.num_classes, self.class_names)
 
         chosen = split_option(list_file, split)
         if chosen == "all":
-            files = sorted(
-                (p for p in (root / image_dir).iterdir() if p.suffix in IMAGE_EXTENSIONS),
-                key=lambda p: natural_key(p.name),
-            )
-            lst = root / f"{split}.txt"
-            entries = [(p.stem, p, root / mask_dir / f"{p.stem}.png") for p in files]
-            missing = [str(e[2]) for e in entries if not e[2].is_file()]
-            if missing:
-                raise DatasetError(f"{len(missing)} mask(s) missing, e.g. {missing[0]}")
+            lst = None
+            entries = all_pairs(root / image_dir, root / mask_dir)
         else:
             lst = root / f"{split}.txt" if chosen is None else Path(chosen)
             if chosen is not None and not lst.is_absolute():
@@ -167,28 +172,6 @@ class FolderSource(FileSource):
             stats_cache=stats_cache,
         )
 
-    def _parse_folds(self, folds: Any) -> list[list[int]]:
-        if isinstance(folds, str):
-            if folds != "all":
-                raise DatasetError(f"folds must be 'all' or a list of class lists, got {folds!r}")
-            return [list(range(1, self.num_classes + 1))]
-        out = []
-        for f in folds:
-            fold = []
-            for c in f:
-                if isinstance(c, str) and not c.isdigit():
-                    if c not in self.class_names[1:]:
-                        raise DatasetError(f"fold class {c!r} is not one of {self.class_names[1:]}")
-                    c = self.class_names.index(c)
-                c = int(c)
-                if not 1 <= c <= self.num_classes:
-                    raise DatasetError(f"fold class id {c} is outside 1..{self.num_classes}")
-                fold.append(c)
-            out.append(sorted(set(fold)))
-        if not out:
-            raise DatasetError("folds is an empty list")
-        return out
-
     def _read_mask(self, i: int) -> np.ndarray:
         raw = read_label(self.mask_paths[i])
         if not self._known[raw].all():
@@ -200,6 +183,84 @@ class FolderSource(FileSource):
                 "`ignore_index`"
             )
         return self._lut[raw]
+
+    def few_images_fix(self, classes: Sequence[int]) -> str:
+        values = ", ".join(
+            f"{self.label_values[c - 1]} ({self.class_names[c]!r})" for c in classes[:5]
+        )
+        where = self.list_file if self.list_file is not None else self.root / "images"
+        fix = f"add images whose masks hold the label value(s) {values} to {where}"
+        binary = self.scan_notices.get("no_class", [])
+        if binary:
+            fix += (
+                f" ({len(binary)} mask(s) hold no class value at all, e.g. {binary[0]}: if they "
+                "are 0/255 binary masks, store the class's label value instead of 255, which "
+                "is ignore)"
+            )
+        return fix
+
+
+def pair_dirs(
+    image_dir: Path, mask_dir: Path
+) -> tuple[list[tuple[str, Path, Path]], list[str], list[Path]]:
+    """(stem, image, mask) of every image in ``image_dir`` (suffixes of IMAGE_EXTENSIONS in
+    any case) with its ``<stem>.png`` mask (any case) in ``mask_dir``, in natural order; the
+    problems (an image without its mask, a mask without its image, two images or masks of
+    one stem; each naming the files) and the other files (neither image nor mask)."""
+    images, masks = index_dir(image_dir), index_dir(mask_dir)
+    same = image_dir.resolve() == mask_dir.resolve()
+    img_exts = [e for e in IMAGE_EXTENSIONS if not (same and e == ".png")]
+    problems, entries = [], []
+    for stem in sorted(images, key=natural_key):
+        found = [p for p in images[stem] if has_suffix(p, img_exts)]
+        if len(found) > 1:
+            problems.append(f"images {show_files([str(p) for p in sorted(found)])} share a name")
+            continue
+        if not found:
+            continue
+        mask = [p for p in masks.get(stem, ()) if has_suffix(p, (".png",))]
+        if not mask:
+            problems.append(f"image {found[0]} has no mask {mask_dir / stem}.png")
+        elif len(mask) > 1:
+            problems.append(f"masks {show_files([str(p) for p in sorted(mask)])} share a name")
+        else:
+            entries.append((stem, found[0], mask[0]))
+    for stem in sorted(masks, key=natural_key):
+        for p in masks[stem]:
+            if not has_suffix(p, (".png",)):
+                continue
+            if not any(has_suffix(q, img_exts) for q in images.get(stem, ())):
+                problems.append(f"mask {p} has no image {image_dir / stem}.jpg (or .jpeg/.png)")
+    known = (*img_exts, ".png")
+    other = [
+        p for d in (images, masks) for ps in d.values() for p in ps if not has_suffix(p, known)
+    ]
+    return entries, problems, sorted(set(other))
+
+
+def all_pairs(image_dir: Path, mask_dir: Path) -> list[tuple[str, Path, Path]]:
+    """:func:`pair_dirs`'s pairs; DatasetError listing its problems, a warning naming the
+    other files."""
+    entries, problems, other = pair_dirs(image_dir, mask_dir)
+    if problems:
+        raise DatasetError(
+            f"{len(problems)} problem(s) pairing {image_dir} with {mask_dir} (list_file=all: "
+            "every image needs its <name>.png mask and every mask its image):\n  - "
+            + "\n  - ".join(problems[:10])
+            + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+            + "\nFix: add the missing files or remove the unpaired ones"
+        )
+    if other:
+        warnings.warn(
+            f"{len(other)} file(s) in {image_dir} or {mask_dir} are neither images "
+            f"({'/'.join(IMAGE_EXTENSIONS)}) nor masks (.png) and are not used: "
+            f"{show_files([str(p) for p in other])}",
+            UserWarning,
+            stacklevel=3,
+        )
+    if not entries:
+        raise DatasetError(f"no images in {image_dir} ({'/'.join(IMAGE_EXTENSIONS)}, any case)")
+    return entries
 
 
 register_source("folder")(FolderSource)

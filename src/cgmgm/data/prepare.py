@@ -32,6 +32,7 @@ import json
 import shutil
 import sys
 import tarfile
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -459,9 +460,17 @@ class _Report:
             self.fixes.append(fix)
         _say(f"  MISSING  {msg}  [fix {self.fixes.index(fix) + 1}]")
 
+    def bad(self, msg: str) -> None:
+        """A file that is present but unusable; ``msg`` names it and says how to fix it."""
+        self.problems += 1
+        _say(f"  BAD      {msg}")
+
     def summary(self) -> None:
         if self.problems == 0:
             _say("all present")
+            return
+        if not self.fixes:
+            _say(f"{self.problems} problem(s) found; each BAD line says how to fix it.")
             return
         _say(f"{self.problems} problem(s) found. How to fix:")
         for k, fix in enumerate(self.fixes, start=1):
@@ -473,6 +482,9 @@ def _count(d: Path, pattern: str) -> int:
 
 
 def _check_pairs(rep: _Report, pairs: list[tuple[Path, Path]], what: str, fix: str) -> None:
+    """Every pair present, readable (images not truncated) and of one size (EXIF noted)."""
+    from cgmgm.data.files import DatasetError, read_header, size_mismatch
+
     missing = [str(p) for pair in pairs for p in pair if not p.is_file()]
     if missing:
         rep.missing(f"{len(missing)} file(s) named by {what}, e.g. {missing[0]}", fix)
@@ -480,15 +492,32 @@ def _check_pairs(rep: _Report, pairs: list[tuple[Path, Path]], what: str, fix: s
     bad = []
     for img, mask in pairs:
         try:
-            with Image.open(img) as a, Image.open(mask) as b:
-                if a.size != b.size:
-                    bad.append(f"{mask} {b.size[::-1]} vs {img} {a.size[::-1]}")
-        except OSError as e:
+            h, w, orientation = read_header(img)
+            with Image.open(mask) as b:
+                mw, mh = b.size
+        except (DatasetError, OSError) as e:
             bad.append(f"{img} / {mask}: {e}")
+            continue
+        if (mh, mw) != (h, w):
+            bad.append(size_mismatch(str(mask), (mh, mw), img, (h, w), orientation))
     if bad:
         rep.missing(f"{len(bad)} unreadable or size-mismatched pair(s), e.g. {bad[0]}", fix)
     else:
         rep.ok(f"{what}: {len(pairs)} image/mask pairs present, sizes match")
+
+
+def _check_source_files(rep: _Report, src) -> None:
+    """The start-up checks of a file source (every mask and image header), as lines."""
+    report = src.scan()
+    for msg in report.problems:
+        rep.bad(msg)
+    for msg in report.notice_messages():
+        rep.warn(msg)
+    if not report.problems:
+        rep.ok(
+            f"{len(src)} masks read, image headers checked: values as expected, sizes match, "
+            "no truncated image"
+        )
 
 
 def _check_pascal(root: Path, rep: _Report) -> None:
@@ -547,25 +576,33 @@ def _check_coco(root: Path, rep: _Report) -> None:
 
 
 def _check_fss(root: Path, rep: _Report) -> None:
-    from cgmgm.data.files import natural_key
+    """What the fss1000 source reads and checks at start-up: every class folder's image/mask
+    pairs (suffixes in any case; orphans named), then every mask and image header."""
+    from cgmgm.data.files import DatasetError
+    from cgmgm.data.fss1000 import FSS1000
 
     fix = f"get FSS-1000 from {URLS['fss1000']}; class splits: {URLS['fss_splits']}"
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         rep.missing(f"class folders under {root}", fix)
         return
-    pairs, lonely = [], []
-    for f in folders:
-        for img in sorted(f.glob("*.jpg"), key=lambda p: natural_key(p.name)):
-            mask = img.with_suffix(".png")
-            (pairs if mask.is_file() else lonely).append((img, mask))
-    rep.ok(f"{len(folders)} class folders")
-    if lonely:
-        rep.missing(f"{len(lonely)} mask(s), e.g. {lonely[0][1]} for {lonely[0][0]}", fix)
-    empty = [f.name for f in folders if not any(f.glob("*.jpg"))]
-    if empty:
-        rep.missing(f"images in {len(empty)} class folder(s), e.g. {empty[0]}", fix)
-    _check_pairs(rep, pairs, "the class folders", fix)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            src = FSS1000("test", root=root, strict=False)
+        except DatasetError as e:
+            rep.missing(str(e), fix)
+            return
+    rep.ok(f"{len(folders)} class folders, {len(src)} image/mask pairs")
+    for w in caught:
+        rep.warn(str(w.message))
+    pair_fix = (
+        "every image (<n>.jpg or .jpeg, any case) needs its <n>.png mask and every mask its "
+        "image: add the missing file or remove the unpaired one"
+    )
+    for msg in src.layout_problems:
+        rep.missing(msg, pair_fix)
+    _check_source_files(rep, src)
 
 
 def _check_folder(root: Path, rep: _Report) -> None:
@@ -592,6 +629,14 @@ def _check_folder(root: Path, rep: _Report) -> None:
     lists = [root / f"{s}.txt" for s in ("train", "val", "test") if (root / f"{s}.txt").is_file()]
     if not lists:
         rep.missing(f"split lists ({root}/train.txt, val.txt or test.txt)", fix)
+    if mask_dir and (root / "images").is_dir():
+        from cgmgm.data.folder import pair_dirs
+
+        _, unpaired, other = pair_dirs(root / "images", root / mask_dir)
+        for msg in unpaired:  # an error for list_file=all; unused files with split lists
+            rep.warn(f"{msg} (not usable)")
+        if other:
+            rep.warn(f"{len(other)} file(s) neither image nor .png mask, e.g. {other[0]}")
     for lst in lists:
         if mask_dir is None:
             break
