@@ -68,7 +68,9 @@ def test_training_free_has_no_parameters_and_predicts_the_posterior(tiny_backbon
     q, s, m = _episode()
     out = model(q, s, m)
     pred = out["logits"].argmax(1)
-    up = torch.nn.functional.interpolate(out["posterior"], size=(64, 48), mode="bilinear")
+    up = torch.nn.functional.interpolate(
+        out["posterior"], size=(64, 48), mode="bilinear", align_corners=True
+    )
     assert torch.equal(pred, (up[:, 0] > 0.5).long())
 
 
@@ -154,10 +156,18 @@ def test_training_free_posterior_finds_a_separable_object(img):
     q_img[:, :8, :] = 0.5  # a grey strip the support never shows
     model = make_model(CellBackbone(), training_free=True, img=img, imr=img).eval()
     out = model(q_img[None], s_img[None, None], s_mask[None, None])
-    pred = out["logits"].argmax(1)[0]
+    # at the feature cells (8 px each) the decision is exactly the box's cells
+    cells = torch.zeros(8, 8, dtype=torch.bool)
+    cells[3:7, 4:8] = True
+    assert torch.equal(out["posterior"][0, 0] > 0.5, cells)
+    post = out["posterior"][0, 0]
+    assert post[cells].min() > 0.99 and post[1:][~cells[1:]].max() < 0.01
+    # the grey strip (cell row 0) is in no support: the support-only fit can only guess
+    # (p near 0.5); the cross-data fit sees it in the query's background (the paper's point)
+    assert post[0].max() < (0.01 if img else 0.5)
+    pred = out["logits"].argmax(1)[0]  # the prediction, upsampled to pixels
     iou = ((pred == 1) & (q_mask == 1)).sum() / ((pred == 1) | (q_mask == 1)).sum()
-    assert iou > 0.95
-    assert out["posterior"][0, 0, 4, 6] > 0.99 and out["posterior"][0, 0, 4, 1] < 0.01
+    assert iou > 0.85
 
 
 def test_padding_enters_no_fit_and_no_normalisation():

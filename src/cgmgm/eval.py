@@ -5,10 +5,13 @@
     python -m cgmgm.eval ckpt_path=... eval.seeds=[0,1,2] shot=5
 
 With ``ckpt_path``, the model and backbone configs come from the checkpoint's
-hyper-parameters, and ``fold`` / ``shot`` / ``protocol`` default to the checkpoint's. The
-checkpoint is read with ``torch.load(..., weights_only=True)``. ``metrics.json`` in the Hydra
-output dir holds ``test/<metric>`` (mean over seeds), ``test/<metric>_std`` (sample standard
-deviation, 0 for one seed) and ``seed<S>/test/<metric>`` per seed, in percent.
+hyper-parameters (``backbone=`` / ``model.`` overrides are ignored, with a warning), and
+``fold`` / ``shot`` / ``protocol`` default to the checkpoint's. The checkpoint is read with
+``torch.load(..., weights_only=True)``; a file that is not a cgmgm checkpoint is an error
+naming it. ``metrics.json`` in the Hydra output dir holds ``test/<metric>`` (mean over
+seeds), ``test/<metric>_std`` (sample standard deviation, 0 for one seed) and
+``seed<S>/test/<metric>`` per seed, in percent; ``test/classes_drawn`` (mean over seeds) of
+``test/classes_total`` novel classes had test episodes (mIoU averages those of each seed).
 """
 
 from __future__ import annotations
@@ -38,11 +41,107 @@ from cgmgm.config import (
 from cgmgm.data.protocols import get_protocol
 from cgmgm.lit import LitCGMGM, class_names_of
 from cgmgm.loggers import finish_loggers
+from cgmgm.metrics import classes_drawn
+
+CKPT_WHAT = "a cgmgm checkpoint (a .ckpt file written by cgmgm.train)"
+
+
+def _unreadable(err: Exception) -> str:
+    """Why torch.load(weights_only=True) failed, without its advice to drop weights_only."""
+    text = str(err)
+    if "Unsupported global" in text or "Unsupported operand" in text:
+        return "it holds Python objects besides tensors and plain types"
+    if "zip archive" in text or "central directory" in text:
+        return "a damaged or truncated file"
+    if isinstance(err, EOFError):
+        return "the file ends early"
+    return "not a PyTorch checkpoint file"
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A Lightning checkpoint loaded with ``weights_only=True`` (plain types and tensors)."""
-    return torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
+    """A cgmgm checkpoint (a Lightning checkpoint of :class:`~cgmgm.lit.LitCGMGM`) loaded with
+    ``torch.load(..., weights_only=True)`` (plain types and tensors). Anything else (no such
+    file, empty, unreadable, another program's checkpoint) is an error naming the file."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        last = path / "checkpoints" / "last.ckpt"
+        hint = f", e.g. ckpt_path={last}" if last.is_file() else ""
+        raise IsADirectoryError(f"ckpt_path={path} is a directory; pass {CKPT_WHAT}{hint}")
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={path}: no such file; pass {CKPT_WHAT}")
+    if path.stat().st_size == 0:
+        raise ValueError(
+            f"ckpt_path={path} is an empty file (0 bytes; an interrupted save?), not {CKPT_WHAT}"
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear error
+        raise ValueError(
+            f"ckpt_path={path} is not {CKPT_WHAT}: torch.load cannot read it ({_unreadable(err)})"
+        ) from None
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    hp = hp if isinstance(hp, dict) else {}
+    lacks = []
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict)):
+        lacks.append("state_dict")
+    if not isinstance(hp.get("model"), dict):
+        lacks.append("hyper_parameters.model")
+    if not (isinstance(hp.get("backbone"), dict) and "name" in hp["backbone"]):
+        lacks.append("hyper_parameters.backbone.name")
+    if lacks:
+        raise ValueError(f"ckpt_path={path} is not {CKPT_WHAT}: it has no {', '.join(lacks)}")
+    return ckpt
+
+
+def _flat(tree: Any, prefix: str) -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}."))
+    return out
+
+
+def setting_diffs(trained: Any, current: Any, prefix: str) -> list[str]:
+    """``key: <checkpoint's> -> <this run's>`` for every (dotted) key whose value differs."""
+    a, b = _flat(trained, prefix), _flat(current, prefix)
+    unset = object()
+    return [
+        f"{key}: {a.get(key, '(unset)')} -> {b.get(key, '(unset)')}"
+        for key in sorted(a.keys() | b.keys())
+        if a.get(key, unset) != b.get(key, unset)
+    ]
+
+
+def _task_overrides(cfg: DictConfig) -> list[str]:
+    """The command-line overrides of this run (Hydra's ``hydra.overrides.task``), if known."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if "hydra" in cfg:  # compose(..., return_hydra_config=True)
+        return [str(o) for o in cfg.hydra.overrides.task]
+    if HydraConfig.initialized():
+        return [str(o) for o in HydraConfig.get().overrides.task]
+    return []
+
+
+def _warn_ignored_overrides(cfg: DictConfig, hp: dict[str, Any], path: Any) -> None:
+    """With ``ckpt_path``, the model and backbone come from the checkpoint: warn about
+    ``backbone...`` / ``model...`` overrides that would change them (they are ignored)."""
+    groups = {
+        o.lstrip("+~").split("=")[0].split(".")[0].split("@")[0] for o in _task_overrides(cfg)
+    }
+    diffs = []
+    if "backbone" in groups:
+        diffs += setting_diffs(hp["backbone"], to_plain(cfg.backbone), "backbone.")
+    if "model" in groups:
+        diffs += setting_diffs(hp["model"], to_plain(cfg.model), "model.")
+    if diffs:
+        warnings.warn(
+            f"ignoring {'; '.join(diffs)}: with ckpt_path the model and backbone come from "
+            f"the checkpoint {path} (trained with backbone={hp['backbone']['name']}); drop "
+            "these overrides, or train a checkpoint with them",
+            stacklevel=3,
+        )
 
 
 def _resolve_from_checkpoint(cfg: DictConfig, meta: dict[str, Any]) -> None:
@@ -66,10 +165,16 @@ def _resolve_from_checkpoint(cfg: DictConfig, meta: dict[str, Any]) -> None:
         )
 
 
-def build_module(cfg: DictConfig, class_ids: list[int], class_names: list[str] | None):
-    """The module to test: from ``cfg.ckpt_path``, or the training-free model from ``cfg``."""
+def build_module(
+    cfg: DictConfig,
+    class_ids: list[int],
+    class_names: list[str] | None,
+    ckpt: dict[str, Any] | None = None,
+):
+    """The module to test: from ``cfg.ckpt_path`` (``ckpt``: that checkpoint, already loaded),
+    or the training-free model from ``cfg``."""
     if cfg.ckpt_path:
-        ckpt = load_checkpoint(cfg.ckpt_path)
+        ckpt = ckpt if ckpt is not None else load_checkpoint(cfg.ckpt_path)
         hp = dict(ckpt["hyper_parameters"])
         backbone = {**hp["backbone"], "weights": None}  # the checkpoint holds the weights
         hp.pop("original_resize", None)  # checkpoints before protocols were configurable
@@ -112,8 +217,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Test once per ``cfg.eval.seeds``, print the table, write metrics.json; return it."""
     start = time.perf_counter()
     meta: dict[str, Any] = {}
+    ckpt = None
     if cfg.ckpt_path:
-        meta = dict(load_checkpoint(cfg.ckpt_path)["hyper_parameters"].get("meta") or {})
+        ckpt = load_checkpoint(cfg.ckpt_path)
+        meta = dict(ckpt["hyper_parameters"].get("meta") or {})
+        _warn_ignored_overrides(cfg, ckpt["hyper_parameters"], cfg.ckpt_path)
     elif not cfg.model.training_free:
         raise ValueError(
             "nothing to evaluate: pass ckpt_path=<checkpoint> (from cgmgm.train), or "
@@ -132,9 +240,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = instantiate(cfg.dataset, test_seed=seeds[0])
+    seen = meta.get("train_class_names")  # a checkpoint's training classes: never tested on
+    datamodule = instantiate(cfg.dataset, test_seed=seeds[0], seen_classes=seen)
     check_protocol(cfg, datamodule)
-    module = build_module(cfg, datamodule.classes, class_names_of(datamodule))
+    module = build_module(cfg, datamodule.classes, class_names_of(datamodule), ckpt)
+    del ckpt
     loggers = instantiate_loggers(cfg.get("logger"))
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
@@ -148,10 +258,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 size = (
                     {"original_size": datamodule.original_size} if datamodule.original_size else {}
                 )
-                dm = instantiate(cfg.dataset, test_seed=seed, **size)
+                dm = instantiate(cfg.dataset, test_seed=seed, seen_classes=seen, **size)
             results = trainer.test(module, datamodule=dm, verbose=False)[0]
             per_seed[seed] = {k: float(v) for k, v in results.items() if "IoU" in k}
+            per_seed[seed]["test/classes_drawn"] = float(classes_drawn(results, module.class_ids))
         metrics = aggregate(per_seed)
+        metrics["test/classes_total"] = len(module.class_ids)
         metrics.update(run_info(cfg, module.hparams.model, module.hparams.backbone))
         metrics.update(protocol_record(datamodule))
         metrics["seeds"] = seeds

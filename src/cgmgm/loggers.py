@@ -1,16 +1,183 @@
-"""Logger factories: a Weights & Biases logger that never prompts or blocks, and job cleanup."""
+"""A run's outputs: output-dir checks (a Hydra callback), logger factories (a CSV logger that
+never deletes earlier logs, a Weights & Biases logger that never prompts or blocks) and job
+cleanup.
+
+Importing this module registers the ``${cgmgm.pid:}`` resolver (the process id) that
+conf/hydra/default.yaml puts in the default output dirs, so that runs started at the same
+moment never share one.
+"""
 
 from __future__ import annotations
 
 import netrc
 import os
+import socket
 import sys
+import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlparse
 
-__all__ = ["finish_loggers", "wandb_api_key_configured", "wandb_logger", "wandb_mode"]
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+__all__ = [
+    "OutputDirCheck",
+    "csv_logger",
+    "finish_loggers",
+    "wandb_api_key_configured",
+    "wandb_logger",
+    "wandb_mode",
+    "wandb_unreachable",
+]
+
+OmegaConf.register_new_resolver("cgmgm.pid", lambda: os.getpid(), replace=True)
+
+
+def _is_inside(path: Path, folder: Path) -> bool:
+    try:
+        return path.expanduser().resolve().is_relative_to(folder.expanduser().resolve())
+    except (OSError, RuntimeError):
+        return False
+
+
+def _has_files(folder: Path) -> bool:
+    """True if ``folder`` exists and holds anything (OSError if it cannot be listed)."""
+    if not folder.exists():
+        return False
+    return any(folder.iterdir())
+
+
+class OutputDirCheck(Callback):
+    """Hydra callback: every run gets an output dir of its own, checked before Hydra writes.
+
+    - An output dir that cannot be created or written: one line naming it, exit status 1.
+    - An existing non-empty output dir (``hydra.run.dir=`` / ``hydra.sweep.dir=`` of an
+      earlier run) is refused, so that no run overwrites another's files; except a resume in
+      place (``ckpt_path`` inside ``hydra.run.dir``, tasks ``resume_tasks``): Hydra then writes
+      this run's config to ``.hydra-resume-<k>`` beside the earlier ``.hydra``.
+    - The dir is claimed atomically (``mkdir`` of Hydra's output subdir; ``multirun.yaml`` of a
+      sweep), so two runs started at once with the same explicit dir cannot both take it.
+    """
+
+    def __init__(self, resume_tasks: list[str] | tuple[str, ...] = ("train",)) -> None:
+        self.resume_tasks = tuple(resume_tasks)
+
+    @staticmethod
+    def _fail(task: str, message: str) -> NoReturn:
+        raise SystemExit(f"cgmgm.{task}: error: {message}")
+
+    def _cannot_write(self, task: str, folder: Path, key: str, err: OSError) -> NoReturn:
+        where = f" ({err.filename})" if err.filename and str(err.filename) != str(folder) else ""
+        self._fail(
+            task,
+            f"cannot write the output dir {folder}: {err.strerror or type(err).__name__}"
+            f"{where}; choose a writable one with {key}=<dir>",
+        )
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        task = str(config.get("task_name", "run"))
+        run_dir = Path(str(config.hydra.run.dir))
+        subdir = config.hydra.output_subdir
+        key = "hydra.run.dir"
+        try:
+            busy = _has_files(run_dir)
+        except OSError as err:
+            self._cannot_write(task, run_dir, key, err)
+        if busy:
+            try:
+                ckpt = config.get("ckpt_path")
+            except Exception:  # noqa: BLE001 - an interpolation only the job can resolve
+                ckpt = None
+            if task in self.resume_tasks and ckpt and _is_inside(Path(str(ckpt)), run_dir):
+                self._resume_in_place(config, task, run_dir, subdir)
+                return
+            self._refuse(task, run_dir, key, resumable=task in self.resume_tasks)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if subdir is None:
+                with tempfile.TemporaryFile(dir=run_dir):
+                    pass
+            else:  # the claim: only one process can create it
+                (run_dir / str(subdir)).mkdir(parents=True, exist_ok=False)
+        except FileExistsError:
+            self._refuse(task, run_dir, key, resumable=task in self.resume_tasks)
+        except OSError as err:
+            self._cannot_write(task, run_dir, key, err)
+
+    def _refuse(self, task: str, folder: Path, key: str, resumable: bool) -> NoReturn:
+        hint = (
+            f", or resume that run in place with {key}={folder} "
+            f"ckpt_path={folder / 'checkpoints' / 'last.ckpt'}"
+            if resumable and key == "hydra.run.dir"
+            else ""
+        )
+        self._fail(
+            task,
+            f"the output dir {folder} already holds another run's files, which this run would "
+            f"overwrite; leave {key} unset for a new dir of its own, or choose an empty one"
+            f"{hint}",
+        )
+
+    def _resume_in_place(self, config: DictConfig, task: str, run_dir: Path, subdir: Any) -> None:
+        if subdir is not None:
+            for k in range(1, 10_000):
+                name = f"{subdir}-resume-{k}"
+                try:
+                    (run_dir / name).mkdir(parents=True, exist_ok=False)
+                except FileExistsError:
+                    continue
+                except OSError as err:
+                    self._cannot_write(task, run_dir, "hydra.run.dir", err)
+                break
+            with read_write(config.hydra), open_dict(config.hydra):
+                config.hydra.output_subdir = name
+        print(
+            f"cgmgm.{task}: resuming in place in {run_dir}: earlier files are kept"
+            + (f"; this run's config is in {name}/" if subdir is not None else ""),
+            file=sys.stderr,
+        )
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        task = str(config.get("task_name", "run"))
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        key = "hydra.sweep.dir"
+        try:
+            if _has_files(sweep_dir):
+                self._refuse(task, sweep_dir, key, resumable=False)
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            # the claim; the launcher writes the sweep's config into it
+            (sweep_dir / "multirun.yaml").open("x").close()
+        except FileExistsError:
+            self._refuse(task, sweep_dir, key, resumable=False)
+        except OSError as err:
+            self._cannot_write(task, sweep_dir, key, err)
+
+
+def csv_logger(save_dir: str, name: str = "csv", version: str = "", **kwargs: Any) -> Any:
+    """A Lightning ``CSVLogger`` in ``save_dir/name/version`` that never deletes earlier logs.
+
+    Lightning's CSV logger deletes the ``metrics.csv`` it finds in its dir; when that dir
+    already holds logs (a run resumed in place), this run logs to ``<version>/resume-<k>``
+    beside them instead.
+    """
+    from lightning.pytorch.loggers import CSVLogger
+
+    base = Path(save_dir) / name
+    chosen = version
+    if _has_files(base / version):
+        k = 1
+        while _has_files(base / version / f"resume-{k}"):
+            k += 1
+        chosen = str(Path(version) / f"resume-{k}") if version else f"resume-{k}"
+        print(
+            f"csv logger: {base / version} holds earlier logs (kept); this run logs to "
+            f"{base / chosen}",
+            file=sys.stderr,
+        )
+    return CSVLogger(save_dir=save_dir, name=name, version=chosen, **kwargs)
+
 
 WANDB_MODES = ("online", "offline", "disabled")
 
@@ -48,14 +215,34 @@ def wandb_mode(mode: str | None = None) -> str:
     return mode
 
 
+def wandb_unreachable(timeout: float = 5.0) -> str | None:
+    """None if the W&B server (``$WANDB_BASE_URL``, or the ``$HTTPS_PROXY`` in between) accepts
+    a TCP connection within ``timeout`` seconds, else why not."""
+    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    target = urlparse(proxy if "://" in str(proxy) else f"http://{proxy}") if proxy else url
+    host = target.hostname or "api.wandb.ai"
+    try:
+        port = target.port or (443 if target.scheme == "https" else 80)
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except (OSError, ValueError) as err:
+        return f"{host}: {err or type(err).__name__}"
+
+
 def wandb_logger(
     mode: str | None = None,
     save_dir: str = ".",
     tags: list[str] | None = None,
     init_timeout: float = 60.0,
+    connect_timeout: float = 5.0,
     **kwargs: Any,
 ) -> Any:
     """A Lightning ``WandbLogger`` in :func:`wandb_mode` ``mode``, with a bounded start-up.
+
+    Online, the W&B server must answer within ``connect_timeout`` seconds (0: no check), else
+    the run logs offline with a warning (upload later with ``wandb sync``), instead of
+    waiting for ``wandb.init`` to time out and fail.
 
     ``kwargs`` go to ``WandbLogger`` (project, entity, name, group, log_model, ...) and on to
     ``wandb.init``. Run files go to ``save_dir/wandb``.
@@ -64,6 +251,16 @@ def wandb_logger(
     from lightning.pytorch.loggers import WandbLogger
 
     mode = wandb_mode(mode)
+    if mode == "online" and connect_timeout > 0:
+        reason = wandb_unreachable(connect_timeout)
+        if reason is not None:
+            warnings.warn(
+                f"wandb: cannot reach the W&B server ({reason}); logging offline instead "
+                f"(upload later with `wandb sync {Path(save_dir) / 'wandb'}/offline-run-*`). "
+                "Set WANDB_MODE=offline to log offline without this check",
+                stacklevel=2,
+            )
+            mode = "offline"
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     if mode != "online":
         kwargs["log_model"] = False  # nothing can be uploaded

@@ -15,14 +15,14 @@ Pixels whose target is ``ignore_index`` (255) count nowhere. A union of 0 gives 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
-__all__ = ["FSSIoU", "binarize", "flatten_results"]
+__all__ = ["FSSIoU", "binarize", "classes_drawn", "flatten_results"]
 
 
 def binarize(prob: Tensor, threshold: float = 0.5, size: tuple[int, int] | None = None) -> Tensor:
@@ -150,3 +150,12 @@ def flatten_results(
         else:
             out[f"{prefix}{key}"] = float(value)
     return out
+
+
+def classes_drawn(
+    results: Mapping[str, object], class_ids: Sequence[int], prefix: str = "test/"
+) -> int:
+    """How many of ``class_ids`` had at least one episode: those with a per-class IoU
+    ``{prefix}IoU/class_<id>`` in flat ``results`` (:func:`flatten_results` leaves the others
+    out). mIoU averages these classes only."""
+    return sum(f"{prefix}IoU/class_{int(c)}" in results for c in class_ids)

@@ -3,18 +3,26 @@
     python -m cgmgm.train                                 # embedded benchmark, defaults
     python -m cgmgm.train dataset=synthetic fold=2 shot=5 model.guidance=cosine
     python -m cgmgm.train -m model.gmm.components=1,2,3 model.gmm.covariance=diag,full
-    python -m cgmgm.train ckpt_path=<run dir>/checkpoints/last.ckpt     # resume fit
+    python -m cgmgm.train hydra.run.dir=<run dir> ckpt_path=<run dir>/checkpoints/last.ckpt
 
-Writes into the Hydra output dir (``hydra.run.dir=...`` to choose it): ``checkpoints/``
-(``last.ckpt`` and the best on ``val/mIoU``), ``csv/metrics.csv``, ``figures/*.png`` and
-``metrics.json`` (flat keys ``test/mIoU``, ``test/FB-IoU``, ``test/GmIoU``,
-``test/IoU/class_<id>``, in percent, plus the run's fold, shot, seed, guidance...).
-Resuming into another output dir restarts the best-checkpoint bookkeeping (Lightning keeps
-it per directory); to keep it, resume in place with ``hydra.run.dir=<run dir>``.
+Writes into the Hydra output dir (by default a new one per run, ``outputs/train/<time>_<pid>``;
+``hydra.run.dir=...`` to choose it, refused if it already holds another run's files):
+``checkpoints/`` (``last.ckpt`` after every validation and on Ctrl+C, and the best on
+``val/mIoU``), ``csv/metrics.csv``, ``figures/*.png`` and ``metrics.json`` (flat keys
+``test/mIoU``, ``test/FB-IoU``, ``test/GmIoU``, ``test/IoU/class_<id>``, in percent,
+``test/classes_drawn`` of ``test/classes_total`` classes had test episodes, plus the run's
+fold, shot, seed, guidance...).
+
+Resume in place (the last command above) to keep the best-checkpoint bookkeeping (Lightning
+keeps it per directory); nothing earlier is deleted: this run's config goes to
+``.hydra-resume-<k>/``, its CSV logs to ``csv/resume-<k>/`` and an earlier ``metrics.json`` is
+kept as ``metrics.earlier-<k>.json``. The checkpoint must come from cgmgm.train with this
+run's backbone and model settings (an error says which differ).
 """
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -23,6 +31,8 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from cgmgm.config import (
@@ -35,8 +45,84 @@ from cgmgm.config import (
     run_info,
     to_plain,
 )
+from cgmgm.eval import load_checkpoint, setting_diffs
 from cgmgm.lit import LitCGMGM, class_names_of
 from cgmgm.loggers import finish_loggers
+from cgmgm.metrics import classes_drawn
+
+
+class SaveOnInterrupt(L.Callback):
+    """On Ctrl+C (SIGINT) or SIGTERM during fit, save ``dirpath/filename`` (by default the
+    ``last.ckpt`` that resuming reads) before Lightning's graceful shutdown, and say how to
+    resume. Single-process runs only (under DDP, ranks may not all reach the save)."""
+
+    def __init__(self, dirpath: str, filename: str = "last.ckpt") -> None:
+        self.dirpath, self.filename = Path(dirpath), filename
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if not isinstance(exception, KeyboardInterrupt | SIGTERMException):
+            return
+        if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
+            return
+        if trainer.fast_dev_run or trainer.world_size > 1:
+            return
+        path = self.dirpath / self.filename
+        trainer.save_checkpoint(path)
+        print(
+            f"\ninterrupted in epoch {trainer.current_epoch} (step {trainer.global_step}): saved "
+            f"{path}; resume with `python -m cgmgm.train hydra.run.dir="
+            f"{trainer.default_root_dir} ckpt_path={path}` (and this run's other overrides)",
+            file=sys.stderr,
+        )
+
+
+def _check_resume_backbone(ckpt: dict[str, Any], cfg: DictConfig) -> None:
+    """A resumed checkpoint must have been trained with this run's backbone."""
+    trained = ckpt["hyper_parameters"]["backbone"]["name"]
+    if trained != cfg.backbone.name:
+        raise ValueError(
+            f"ckpt_path={cfg.ckpt_path} was trained with backbone={trained}, this run has "
+            f"backbone={cfg.backbone.name}: resume it with backbone={trained} (or start a new "
+            "run without ckpt_path)"
+        )
+
+
+def _check_resume_fits(ckpt: dict[str, Any], module: LitCGMGM, cfg: DictConfig) -> None:
+    """The checkpoint's weights must fit ``module`` (else an error naming the model settings
+    that differ); other differing settings of the model config are a warning."""
+    theirs, own = ckpt["state_dict"], module.state_dict()
+    missing = sorted(own.keys() - theirs.keys())
+    unexpected = sorted(theirs.keys() - own.keys())
+    shapes = sorted(k for k in own.keys() & theirs.keys() if own[k].shape != theirs[k].shape)
+    diffs = setting_diffs(ckpt["hyper_parameters"]["model"], to_plain(cfg.model), "model.")
+    if missing or unexpected or shapes:
+        example = (missing or unexpected or shapes)[0]
+        raise ValueError(
+            f"ckpt_path={cfg.ckpt_path} does not fit this run's model ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected, {len(shapes)} differently shaped weights, e.g. "
+            f"{example}); model settings that differ (checkpoint -> this run): "
+            f"{'; '.join(diffs) or 'none (another version of the model code?)'}. Resume with "
+            "the checkpoint's settings, or start a new run without ckpt_path"
+        )
+    if diffs:
+        warnings.warn(
+            f"resuming {cfg.ckpt_path} with other model settings than it was trained with "
+            f"(checkpoint -> this run): {'; '.join(diffs)}",
+            stacklevel=2,
+        )
+
+
+def _keep_earlier(path: Path) -> None:
+    """Move an existing ``path`` (``x.json``) aside to ``x.earlier-<k>.json``: never overwrite."""
+    if not path.exists():
+        return
+    k = 1
+    while (kept := path.with_name(f"{path.stem}.earlier-{k}{path.suffix}")).exists():
+        k += 1
+    path.rename(kept)
+    print(f"{path.name}: the earlier one is kept as {kept}", file=sys.stderr)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -50,12 +136,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.test_ckpt not in ("best", "last"):
         raise ValueError(f"test_ckpt must be 'best' or 'last', got {cfg.test_ckpt!r}")
     out_dir = Path(cfg.paths.output_dir)
+    resume = None
+    if cfg.ckpt_path:  # checked before anything is built: clear errors naming the file
+        resume = load_checkpoint(cfg.ckpt_path)
+        _check_resume_backbone(resume, cfg)
     # The frozen backbone stays in eval mode on purpose (LitCGMGM checks it every epoch).
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.dataset)
     check_protocol(cfg, datamodule)
     info = run_info(cfg, to_plain(cfg.model), to_plain(cfg.backbone))
+    if hasattr(datamodule, "class_record"):  # checkpoints carry the classes trained on
+        classes = datamodule.class_record(training=True)  # refuses testing on them (unless
+        info["train_class_names"] = classes["train_class_names"]  # allow_seen_classes)
+        info["test_class_names"] = classes["test_class_names"]
     module = LitCGMGM(
         model=to_plain(cfg.model),
         backbone=to_plain(cfg.backbone),
@@ -66,6 +160,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         meta=info,
         protocol=str(cfg.protocol),
     )
+    if resume is not None:
+        _check_resume_fits(resume, module, cfg)
+        del resume
     loggers = instantiate_loggers(cfg.get("logger"))
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
@@ -78,6 +175,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             ckpt = best.best_model_path or None
         results = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
         metrics = {k: float(v) for k, v in results[0].items() if "IoU" in k}  # percent
+        metrics["test/classes_drawn"] = classes_drawn(results[0], module.class_ids)
+        metrics["test/classes_total"] = len(module.class_ids)
         metrics.update(info)
         metrics.update(protocol_record(datamodule))
         metrics["test_ckpt"] = str(ckpt) if ckpt else "last"
@@ -85,6 +184,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             metrics["val/mIoU_best"] = float(best.best_model_score)
         metrics["wall_time_s"] = round(time.perf_counter() - start, 1)
         if trainer.is_global_zero:
+            _keep_earlier(out_dir / "metrics.json")
             report(out_dir / "metrics.json", metrics, module)
         failed = False
     finally:

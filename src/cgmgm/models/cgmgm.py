@@ -153,8 +153,10 @@ class CGMGM(nn.Module):
             out["guidance"] = out["cosine_prior"]
 
         if self.training_free:
+            # upsampled as the protocols score guidance maps (BAM's align_corners=True), so the
+            # prediction is the posterior map binarised at 0.5 and its mIoU equals its GmIoU
             p = F.interpolate(
-                out["posterior"], size=query_img.shape[-2:], mode="bilinear", align_corners=False
+                out["posterior"], size=query_img.shape[-2:], mode="bilinear", align_corners=True
             )
             out["logits"] = torch.cat([1 - p, p], 1).clamp_min(1e-6).log()
         else:

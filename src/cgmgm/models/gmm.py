@@ -87,6 +87,17 @@ def _check_inputs(x: Tensor, weight: Tensor, components: int, covariance: str) -
         raise ValueError(f"fit_gmm: components must be >= 1, got {components}")
     if not torch.isfinite(weight.sum()) or bool((weight < 0).any()):
         raise ValueError("fit_gmm: weight must be finite and >= 0")
+    if x.numel():
+        # EM squares (centred) x: beyond sqrt(max) / 100 its sums and the covariances in x's
+        # units overflow to inf, and the fit would silently return placeholders (or hang).
+        lo, hi = torch.aminmax(x.detach())
+        peak = float(torch.maximum(-lo, hi))
+        limit = math.sqrt(torch.finfo(x.dtype).max) / 100.0
+        if math.isfinite(peak) and peak > limit:  # NaN / inf: the error of _standardise
+            raise ValueError(
+                f"fit_gmm: |x| reaches {peak:.3g}, beyond {limit:.3g}, where EM's squares of x "
+                f"overflow {x.dtype}: rescale the features (or pass float64 ones)"
+            )
     return weight.to(x.dtype)
 
 
@@ -286,7 +297,8 @@ def fit_gmm(
     """Fit one weighted Gaussian mixture per (batch item, class) with EM (Eq. 9-11).
 
     Args:
-        x: [B, N, D] features (support and query pixels of an episode, flattened).
+        x: [B, N, D] features (support and query pixels of an episode, flattened); fp16 and
+            bf16 are fitted in float32 and the parameters returned in x's dtype.
         weight: [B, N] or [B, C, N], >= 0; 0 = the point is not in that class.
         components: M, Gaussians per class (Eq. 8).
         covariance: "diag" (independent dims) or "full" (correlated), Fig. 6.
@@ -301,6 +313,13 @@ def fit_gmm(
         GaussianMixture with leading dims [B] (weight [B, N]) or [B, C] (weight [B, C, N]).
     """
     single = weight.dim() == 2
+    out_dtype = x.dtype
+    if x.is_floating_point() and torch.finfo(x.dtype).bits < 32:
+        # fp16 / bf16: EM and the Cholesky factorisation run in float32 (no half Cholesky; the
+        # squares overflow fp16); the parameters come back in x's dtype.
+        x = x.float()
+        if init is not None:
+            init = GaussianMixture(*(t.float() if t.is_floating_point() else t for t in init))
     weight = _check_inputs(x, weight, components, covariance)
     if not grad:
         x, weight = x.detach(), weight.detach()
@@ -332,6 +351,8 @@ def fit_gmm(
     gm = _placeholder(_affine(gm, centre, scale, inverse=True))
     if single:
         gm = GaussianMixture(*(t.squeeze(1) for t in gm))
+    if out_dtype != gm.means.dtype:
+        gm = GaussianMixture(*(t.to(out_dtype) if t.is_floating_point() else t for t in gm))
     return gm
 
 
@@ -363,9 +384,7 @@ class CDGMG(nn.Module):
     pixels (labelled by the initial mask M_q); ignore pixels (255) and padding enter neither.
     """
 
-    def __init__(
-        self, components: int, covariance: str, iters: int, grad: bool, reg_covar: float
-    ):
+    def __init__(self, components: int, covariance: str, iters: int, grad: bool, reg_covar: float):
         super().__init__()
         if covariance not in COVARIANCES:
             raise ValueError(f"CDGMG: covariance must be one of {COVARIANCES}, got {covariance!r}")
