@@ -27,7 +27,7 @@ import cgmgm.train as train_app
 from cgmgm.config import config_dir, format_table
 from cgmgm.eval import evaluate
 from cgmgm.loggers import wandb_logger
-from cgmgm.models.gmm import fit_gmm
+from cgmgm.models.gmm import fit_gmm, log_likelihood
 from cgmgm.train import train
 
 TINY = [
@@ -145,6 +145,28 @@ def test_existing_output_dir_is_refused(run_dir, tmp_path):
     code = _main("eval", "-m", f"hydra.sweep.dir={sweep}", "model=training_free", "seed=0,1")
     assert isinstance(code, str) and str(sweep) in code and "hydra.sweep.dir" in code
     assert _snapshot(out) == before and (sweep / "0" / "metrics.json").read_text() == "{}"
+
+
+def test_ddp_child_ranks_reuse_rank_zeros_dir(tmp_path, monkeypatch):
+    # Lightning starts ranks >= 1 by re-running the app into rank 0's (already claimed,
+    # non-empty) output dir, with LOCAL_RANK set: they must not be refused.
+    from hydra import compose, initialize_config_dir
+
+    from cgmgm.config import config_dir
+    from cgmgm.loggers import OutputDirCheck
+
+    out = tmp_path / "run"
+    (out / ".hydra").mkdir(parents=True)
+    (out / "train.log").write_text("rank 0 was here\n")
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("train", [f"hydra.run.dir={out}"], return_hydra_config=True)
+    check = OutputDirCheck()
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    check.on_run_start(cfg)  # no SystemExit
+    assert (out / "train.log").read_text() == "rank 0 was here\n"
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(SystemExit):
+        check.on_run_start(cfg)
 
 
 # ---------------------------------------------------------------- 12: unwritable dir
@@ -271,6 +293,19 @@ def test_fit_gmm_half_precision_full_covariance(dtype):
     torch.testing.assert_close(gm.means.float(), ref.means, atol=0.05, rtol=0.05)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_log_likelihood_half_precision_is_finite(dtype):
+    # D = 256 features of scale 30: the squared distances (~2e5) overflow fp16 (max 65504)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 128, 256, generator=g) * 30
+    w = torch.stack([(torch.rand(2, 128, generator=g) > 0.5).float()] * 2, 1)
+    w[:, 0] = 1 - w[:, 1]
+    ref = log_likelihood(fit_gmm(x, w, 2, "diag", 3), x)  # [2, 2, 128], float32
+    ll = log_likelihood(fit_gmm(x.to(dtype), w.to(dtype), 2, "diag", 3), x.to(dtype))
+    assert ll.dtype == dtype and bool(torch.isfinite(ll).all())
+    torch.testing.assert_close(ll.float(), ref, rtol=0.02, atol=2.0)
+
+
 def test_fit_gmm_overflowing_input_is_an_error():
     x = torch.randn(2, 64, 4) * 1e20
     w = torch.ones(2, 64)
@@ -303,3 +338,28 @@ def test_classes_drawn_next_to_the_miou(run_dir, tmp_path, capsys):
     table = format_table({"test/mIoU": 50.0, "test/IoU/class_1": 50.0,
                           "test/classes_drawn": 1, "test/classes_total": 2}, [1, 2])  # fmt: skip
     assert "over 1 of 2 classes drawn (-: no test episode)" in table
+
+
+# ---------------------------------------------------------------- 6: a late failure in eval
+
+
+def test_eval_keeps_the_finished_seeds_when_a_later_one_fails(tmp_path, monkeypatch):
+    import lightning
+
+    real_test = lightning.pytorch.Trainer.test
+    calls = []
+
+    def flaky(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("disk vanished")
+        return real_test(self, *args, **kwargs)
+
+    monkeypatch.setattr(lightning.pytorch.Trainer, "test", flaky)
+    cfg = _cfg("eval", tmp_path, "model=training_free", "eval.seeds=[0,1,2]", "logger=none")
+    with pytest.raises(OSError, match="disk vanished"):
+        evaluate(cfg)
+    partial = json.loads((tmp_path / "metrics.partial.json").read_text())
+    assert partial["seeds_done"] == [0, 1] and partial["failed_seed"] == 2
+    assert "disk vanished" in partial["error"] and 0 <= partial["test/mIoU"] <= 100
+    assert "seed1/test/mIoU" in partial and not (tmp_path / "metrics.json").exists()

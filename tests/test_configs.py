@@ -44,7 +44,7 @@ def test_defaults_have_the_documented_keys(tmp_path):
     assert (cfg.optim.new_layer_lr_mult, cfg.optim.momentum) == (10, 0.9)
     assert cfg.optim.weight_decay == pytest.approx(1e-4) and cfg.optim.schedule == "poly"
     assert cfg.optim.lr == pytest.approx(0.02)  # the embedded benchmark's recipe (BAM: 0.005)
-    assert cfg.trainer.max_epochs == 3
+    assert cfg.trainer.max_epochs == 2
     assert list(cfg.logger) == ["csv"]
     cfg = _compose("train", ["fold=2", "shot=5", "seed=7"], tmp_path)
     assert (cfg.dataset.fold, cfg.dataset.shot, cfg.dataset.seed) == (2, 5, 7)

@@ -412,3 +412,35 @@ def test_scaling_one_class_of_two_changes_nothing(cov):
     for k in range(2):
         want = _em_reference(x, w[k], inits[k], 6, 0.0)
         _assert_params(ours, (0, k), want, 1e-8, 1e-10)
+
+
+def test_default_variance_floor_survives_a_dead_channel():
+    # After the projection's ReLU a channel can be exactly 0 over a class's pixels. A query
+    # pixel that is foreground in every other channel, with a little activation (0.1) in that
+    # channel, must stay foreground under the model's default floor (conf/model/cgmgm.yaml);
+    # with scikit-learn's 1e-6 it falls thousands of nats below the background.
+    from cgmgm.config import compose_model
+    from cgmgm.models.qcpe import posterior
+
+    g = torch.Generator().manual_seed(0)
+    n, d = 200, 8
+    fg = 2.0 + 0.5 * torch.randn(n, d, generator=g)
+    fg[:, 0] = 0.0  # the dead channel
+    bg = 0.5 * torch.randn(n, d, generator=g)
+    bg[:, 0] = 1.0 + torch.randn(n, generator=g)
+    x = torch.cat([bg, fg])[None]  # [1, 2n, D]
+    w = torch.zeros(1, 2, 2 * n)
+    w[0, 0, :n], w[0, 1, n:] = 1.0, 1.0  # (bg, fg)
+    query = torch.full((1, 1, d), 2.0)
+    query[0, 0, 0] = 0.1
+
+    def p_fg(reg):
+        theta = fit_gmm(x, w, 3, "diag", 10, reg_covar=reg)
+        ll = log_likelihood(theta, query)  # [1, 2, 1]
+        return posterior(ll, theta.valid)[0, 0].item(), (ll[0, 1, 0] - ll[0, 0, 0]).item()
+
+    default = compose_model()["gmm"]["reg_covar"]
+    p, margin = p_fg(default)
+    assert p > 0.99 and margin > 5.0
+    p_tiny, margin_tiny = p_fg(1e-6)
+    assert p_tiny < 0.01 and margin_tiny < -1000.0

@@ -202,3 +202,23 @@ def test_empty_support_mask_gives_finite_prior():
     q, s = torch.randn(1, 4, 5, 5), torch.randn(1, 1, 4, 5, 5)
     out = _imgr()(q, s, torch.zeros(1, 1, 5, 5))
     assert all(torch.isfinite(v).all() for v in out.values())
+
+
+def test_padding_enters_neither_branch():
+    # Query 5 x 7 cells whose last 2 columns are padding (the 2x2 patch of columns 4-5
+    # straddles the edge):
+    # two different paddings give the same global and local priors inside the image.
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(1, 6, 5, 7, generator=g, dtype=torch.float64)
+    s = torch.randn(1, 2, 6, 5, 7, generator=g, dtype=torch.float64)
+    m = (torch.rand(1, 2, 5, 7, generator=g) > 0.4).double()
+    valid = torch.ones(1, 1, 5, 7, dtype=torch.float64)
+    valid[..., 5:] = 0
+    q2 = q.clone()
+    q2[..., 5:] = 50 * torch.randn(1, 6, 5, 2, generator=g, dtype=torch.float64)
+    for prior in (cosine_prior, lambda *a: local_prior(a[0], a[1], a[2], 2, a[3])):
+        a, b = prior(q, s, m, valid), prior(q2, s, m, valid)
+        torch.testing.assert_close(a[..., :5], b[..., :5])
+        assert (a[..., 5:] == 0).all() and (b[..., 5:] == 0).all()
+    # without query_valid the padding moves both
+    assert not torch.allclose(local_prior(q, s, m)[..., :5], local_prior(q2, s, m)[..., :5])

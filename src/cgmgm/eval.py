@@ -37,6 +37,7 @@ from cgmgm.config import (
     report,
     run_info,
     to_plain,
+    write_metrics,
 )
 from cgmgm.data.protocols import get_protocol
 from cgmgm.lit import LitCGMGM, class_names_of
@@ -151,8 +152,8 @@ def _resolve_from_checkpoint(cfg: DictConfig, meta: dict[str, Any]) -> None:
         for key, default in (("fold", 0), ("shot", 1), ("protocol", "bam")):
             if cfg[key] is None:
                 cfg[key] = type(default)(meta.get(key, default))
-    if "fold" in meta and int(cfg.fold) != int(meta["fold"]):
-        warnings.warn(
+    if "fold" in meta and "train_class_names" not in meta and int(cfg.fold) != int(meta["fold"]):
+        warnings.warn(  # newer checkpoints name their classes: the data module refuses then
             f"testing fold {cfg.fold} with a checkpoint trained on fold {meta['fold']}: "
             "its novel classes were not held out",
             stacklevel=2,
@@ -178,6 +179,15 @@ def build_module(
         hp = dict(ckpt["hyper_parameters"])
         backbone = {**hp["backbone"], "weights": None}  # the checkpoint holds the weights
         hp.pop("original_resize", None)  # checkpoints before protocols were configurable
+        if "kshot" not in hp["model"]:  # checkpoints before the K-shot reading was a switch
+            hp["model"] = {**hp["model"], "kshot": "pool"}
+            warnings.warn(
+                f"{cfg.ckpt_path} predates model.kshot: evaluating it with kshot=pool (every "
+                "shot's pixels pooled, as it was trained); since then masked-out support "
+                "pixels are excluded from the cosine prior's max instead of entering as zero "
+                "vectors, so its numbers may differ from those it had",
+                stacklevel=2,
+            )
         module = LitCGMGM(
             **{
                 **hp,
@@ -259,7 +269,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                     {"original_size": datamodule.original_size} if datamodule.original_size else {}
                 )
                 dm = instantiate(cfg.dataset, test_seed=seed, seen_classes=seen, **size)
-            results = trainer.test(module, datamodule=dm, verbose=False)[0]
+            try:
+                results = trainer.test(module, datamodule=dm, verbose=False)[0]
+            except Exception as err:
+                if per_seed and trainer.is_global_zero:  # keep the finished seeds' results
+                    partial = {**aggregate(per_seed), "seeds_done": list(per_seed)}
+                    partial["failed_seed"], partial["error"] = seed, f"{type(err).__name__}: {err}"
+                    path = write_metrics(out_dir / "metrics.partial.json", partial)
+                    print(f"seed {seed} failed; the {len(per_seed)} finished seed(s): {path}")
+                raise
             per_seed[seed] = {k: float(v) for k, v in results.items() if "IoU" in k}
             per_seed[seed]["test/classes_drawn"] = float(classes_drawn(results, module.class_ids))
         metrics = aggregate(per_seed)

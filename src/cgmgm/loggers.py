@@ -77,6 +77,9 @@ class OutputDirCheck(Callback):
         )
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if os.environ.get("LOCAL_RANK", "0") != "0":
+            # a DDP child: Lightning re-runs the app into rank 0's (claimed, non-empty) dir
+            return
         task = str(config.get("task_name", "run"))
         run_dir = Path(str(config.hydra.run.dir))
         subdir = config.hydra.output_subdir

@@ -208,6 +208,13 @@ class FSS1000(FileSource):
                 stacklevel=2,
             )
         self.num_classes = len(names)
+        if self.num_classes > 254:  # masks are uint8 with 255 = ignore
+            raise DatasetError(
+                f"{root}: {self.num_classes} class folders, but class-index masks hold at most "
+                "254 classes (uint8, 255 = ignore); select a subset with "
+                "dataset.dataset_kwargs.classes=<list or split file> (e.g. FSS-1000's test "
+                "split of 240 classes)"
+            )
         self.class_names = ("background", *names)
         self.folds = parse_folds(folds, self.num_classes, self.class_names)
         self.image_class = np.asarray(owner, dtype=np.int64)  # [N] class of each image

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from cgmgm.models.decoder import Decoder
 from cgmgm.models.gmm import CDGMG
-from cgmgm.models.imgr import IMGR, KSHOT
+from cgmgm.models.imgr import IMGR
 from cgmgm.models.qcpe import QCPE
 
 GUIDANCES = ("gmm", "cosine")
@@ -97,9 +97,7 @@ class CGMGM(nn.Module):
         self.backbone = backbone
         self.guidance = guidance
         self.training_free = training_free
-        if kshot not in KSHOT:
-            raise ValueError(f"CGMGM: kshot must be one of {KSHOT}, got {kshot!r}")
-        self.kshot = kshot
+        self.kshot = kshot  # checked by IMGR
         self.imgr = IMGR(img=img, imr=imr, threshold=threshold, kshot=kshot)
         self.cdgmg = CDGMG(components, covariance, em_iters, gmm_grad, reg_covar)
         self.qcpe = QCPE()
@@ -153,8 +151,9 @@ class CGMGM(nn.Module):
             out["guidance"] = out["cosine_prior"]
 
         if self.training_free:
-            # upsampled as the protocols score guidance maps (BAM's align_corners=True), so the
-            # prediction is the posterior map binarised at 0.5 and its mIoU equals its GmIoU
+            # upsampled as the protocols score guidance maps (BAM's align_corners=True): scored
+            # at the input size, the prediction is the posterior map binarised at 0.5 (its mIoU
+            # equals its GmIoU); at original size the two are close, not equal
             p = F.interpolate(
                 out["posterior"], size=query_img.shape[-2:], mode="bilinear", align_corners=True
             )

@@ -361,7 +361,13 @@ def log_likelihood(params: GaussianMixture, x: Tensor) -> Tensor:
 
     params with leading dims [B] -> [B, N]; with [B, C] -> [B, C, N]. x is [B, N, D].
     Classes with ``valid = False`` evaluate their placeholder parameters (finite values).
+    fp16 / bf16 inputs are evaluated in float32 (their squares overflow) and returned in x's
+    dtype.
     """
+    if torch.finfo(x.dtype).bits < 32:
+        half = x.dtype
+        up = GaussianMixture(*(t.float() if t.is_floating_point() else t for t in params))
+        return log_likelihood(up, x.float()).to(half)
     single = params.log_weights.dim() == 2
     if single:
         params = GaussianMixture(*(t.unsqueeze(1) for t in params))

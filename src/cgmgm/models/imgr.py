@@ -8,7 +8,9 @@ Generating (IMG, Eq. 2-4): a double-branch cosine prior on the high-level featur
   on signed features such as EfficientNet's). A cosine does not see a pixel's scale, so a
   fractional M_s(i) > 0 counts like 1, as in BAM's ``layer4 * mask`` prior.
 - K shots (``kshot``): "mean" (BAM) computes one prior per shot, min-max normalises each and
-  averages them; "pool" takes the max over the pixels of every shot, then one min-max.
+  averages them; "pool" takes the max over the pixels of every shot, then one min-max. As in
+  BAM, a shot whose mask is empty at the feature resolution contributes a prior of 0 to the
+  mean (so with K = 5 one empty shot scales the prior by 4/5).
 - Local branch (Eq. 3-4, h = w = 2): the same on 2x2-patch means of the masked features
   (every pixel represented by the mean of its patch; a patch counts when any of its support
   pixels is inside the mask), computed at half resolution and upsampled back.
@@ -115,8 +117,12 @@ def local_prior(
     masked = support.flatten(0, 1) * mask  # X_s^h (x) M_s, [B*K, C, H', W']
     rs = _patch_mean(masked, patch).unflatten(0, (b, k))  # R_s, [B, K, C, H'/2, W'/2]
     rm = _patch_mean(mask, patch)[:, 0].unflatten(0, (b, k))  # [B, K, H'/2, W'/2]
-    rq = _patch_mean(query, patch)  # R_q, [B, C, H/2, W/2]
-    rv = None if query_valid is None else _patch_mean(query_valid.to(query.dtype), patch)
+    if query_valid is None:
+        rq, rv = _patch_mean(query, patch), None  # R_q, [B, C, H/2, W/2]
+    else:  # a patch's mean over its pixels inside the image only (padding enters no mean)
+        v = (query_valid > 0).to(query.dtype)  # [B, 1, H, W]
+        rv = _patch_mean(v, patch)  # [B, 1, H/2, W/2], > 0: the patch holds an image pixel
+        rq = _patch_mean(query * v, patch) / rv.clamp_min(_EPS)
     s_local = cosine_prior(rq, rs, rm, rv, kshot)  # [B, 1, H/2, W/2]
     up = F.interpolate(s_local, size=query.shape[-2:], mode="bilinear", align_corners=False)
     return up if query_valid is None else up * (query_valid > 0)
