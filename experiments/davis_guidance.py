@@ -38,8 +38,9 @@ from cgmgm.models.cgmgm import CGMGM
 
 
 def _load(path: Path, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(image [3, H, W] in [0, 1], mask [H, W] long 0/1) resized to size = (H, W)."""
-    img = Image.open(path.with_suffix(".jpg")).convert("RGB").resize(size[::-1], Image.BILINEAR)
+    """Image ``path`` and its ``.png`` mask -> (image [3, H, W] in [0, 1], mask [H, W] long
+    0/1), resized to size = (H, W)."""
+    img = Image.open(path).convert("RGB").resize(size[::-1], Image.BILINEAR)
     mask = Image.open(path.with_suffix(".png")).convert("L").resize(size[::-1], Image.NEAREST)
     x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255.0
     return x, torch.from_numpy((np.asarray(mask) > 127).astype(np.int64))
@@ -50,13 +51,13 @@ def episodes(root: Path, per_class: int, gap: int = 4) -> list[tuple[str, Path, 
     (a folder with fewer than gap + 1 images uses the largest gap it has)."""
     out = []
     for cls in sorted(p for p in root.iterdir() if p.is_dir()):
-        frames = sorted(cls.glob("*.jpg"))
+        frames = sorted(p for p in cls.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
         if len(frames) < 2:
             raise ValueError(f"{cls}: needs at least 2 images for a support/query pair")
         g = min(gap, len(frames) - 1)
         starts = np.linspace(0, len(frames) - g - 1, per_class).round().astype(int)
         pairs = [(frames[i], frames[i + g]) for i in starts]
-        out += [(cls.name, s.with_suffix(""), q.with_suffix("")) for s, q in pairs]
+        out += [(cls.name, s, q) for s, q in pairs]
     return out
 
 

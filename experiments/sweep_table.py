@@ -208,9 +208,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(jobs) if args.over is None else aggregate_table(jobs, args.over)
     (out / "sweep_table.md").write_text(table + "\n")
-    png = plot(jobs, out / "fig6.png", args.x, args.line, args.metric)
     print(table)
-    print(f"\n{out / 'sweep_table.md'}\n{png}")
+    print(f"\n{out / 'sweep_table.md'}")
+    if args.over is None:  # Fig. 6 plots single jobs; with --over the table is the result
+        print(plot(jobs, out / "fig6.png", args.x, args.line, args.metric))
 
 
 if __name__ == "__main__":

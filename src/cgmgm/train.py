@@ -146,9 +146,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.dataset)
     check_protocol(cfg, datamodule)
     info = run_info(cfg, to_plain(cfg.model), to_plain(cfg.backbone))
-    if hasattr(datamodule, "class_record"):  # checkpoints carry the classes trained on
-        classes = datamodule.class_record(training=True)  # refuses testing on them (unless
-        info["train_class_names"] = classes["train_class_names"]  # allow_seen_classes)
+    if hasattr(datamodule, "class_record"):  # checkpoints carry the classes trained on, so
+        classes = datamodule.class_record(training=True)  # that cgmgm.eval can refuse them
+        info["train_class_names"] = classes["train_class_names"]
         info["test_class_names"] = classes["test_class_names"]
     module = LitCGMGM(
         model=to_plain(cfg.model),

@@ -181,32 +181,19 @@ def _texture(spec: ClassSpec, u: np.ndarray, v: np.ndarray, rng: np.random.Gener
     raise ValueError(f"unknown texture {spec.texture!r}")
 
 
-class SyntheticShapes(ClassIndexSource):
-    """Procedural 20-class segmentation source (PASCAL-5i-like folds).
-
-    Args:
-        split: "train", "val" or "test"; selects disjoint image streams.
-        num_images: images in the split, or a {split: count} mapping (default and for
-            missing splits: train 1000, val/test 300).
-        image_size: int or (H, W); every image has this size.
-        seed: data seed; image i is a pure function of (seed, split, i).
-        min_pixels: a class counts in an image with at least this many pixels
-            (default: PASCAL's 2*32*32 scaled to the image area).
-        border: width in pixels of the 255 band on the object side of each
-            object boundary (0 disables it).
-        max_objects: objects per image are drawn uniformly from 1..max_objects.
-        cache: keep generated images in memory.
-    """
+class _ProceduralSource(ClassIndexSource):
+    """What both generators share: the split streams, the image count, the size and the
+    in-memory cache; a subclass sets ``default_size`` and implements ``render(i)``."""
 
     num_classes = 20
     fold_scheme = "block"
-    class_names = CLASS_NAMES
+    default_size: int = 128
 
     def __init__(
         self,
         split: str = "train",
         num_images: int | Mapping[str, int] | None = None,
-        image_size: int | tuple[int, int] = 96,
+        image_size: int | tuple[int, int] | None = None,
         seed: int = 0,
         min_pixels: int | None = None,
         border: int = 1,
@@ -215,6 +202,8 @@ class SyntheticShapes(ClassIndexSource):
     ) -> None:
         if split not in _SPLIT_KEY:
             raise ValueError(f"split must be one of {sorted(_SPLIT_KEY)}, got {split!r}")
+        if image_size is None:
+            image_size = self.default_size
         if isinstance(image_size, int):
             image_size = (image_size, image_size)
         h, w = (int(s) for s in image_size)
@@ -246,6 +235,30 @@ class SyntheticShapes(ClassIndexSource):
             if self.cache:
                 self._images[i] = item
         return item
+
+    def render(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+
+class SyntheticShapes(_ProceduralSource):
+    """Procedural 20-class segmentation source (PASCAL-5i-like folds).
+
+    Args:
+        split: "train", "val" or "test"; selects disjoint image streams.
+        num_images: images in the split, or a {split: count} mapping (default and for
+            missing splits: train 1000, val/test 300).
+        image_size: int or (H, W); every image has this size.
+        seed: data seed; image i is a pure function of (seed, split, i).
+        min_pixels: a class counts in an image with at least this many pixels
+            (default: PASCAL's 2*32*32 scaled to the image area).
+        border: width in pixels of the 255 band on the object side of each
+            object boundary (0 disables it).
+        max_objects: objects per image are drawn uniformly from 1..max_objects.
+        cache: keep generated images in memory.
+    """
+
+    class_names = CLASS_NAMES
+    default_size = 96
 
     def render(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Generate image i without touching the cache (pure function of seed, split, i)."""
@@ -284,7 +297,7 @@ class SyntheticShapes(ClassIndexSource):
 
         img += rng.normal(0.0, 5.0, size=img.shape).astype(np.float32)
         image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-        mask = self._ignore_border(label)
+        mask = _ignore_band(label, self.border)
         return image, mask
 
     def _background(self, rng: np.random.Generator) -> np.ndarray:
@@ -304,26 +317,6 @@ class SyntheticShapes(ClassIndexSource):
         wave = np.sin(2 * math.pi * (xx * math.cos(ang) + yy * math.sin(ang)) / period)
         bg += (rng.uniform(5.0, 18.0) * wave)[..., None]
         return bg
-
-    def _ignore_border(self, label: np.ndarray) -> np.ndarray:
-        """Set object pixels within ``border`` px of a label change to 255. [H, W] -> [H, W]."""
-        if self.border <= 0:
-            return label
-        obj = label > 0
-        edge = np.zeros_like(obj)
-        pad = np.pad(label, 1, mode="edge")
-        for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
-            nb = pad[dy : dy + label.shape[0], dx : dx + label.shape[1]]
-            edge |= nb != label
-        band = edge & obj
-        for _ in range(self.border - 1):
-            grown = np.pad(band, 1)
-            band = obj & (
-                band | grown[:-2, 1:-1] | grown[2:, 1:-1] | grown[1:-1, :-2] | grown[1:-1, 2:]
-            )
-        out = label.copy()
-        out[band] = 255
-        return out
 
 
 def _interp_matrix(n: int, g: int) -> np.ndarray:
@@ -907,7 +900,7 @@ def _random_colour(rng: np.random.Generator) -> np.ndarray:
     return rng.uniform(20.0, 235.0, size=3)
 
 
-class SyntheticScenes(ClassIndexSource):
+class SyntheticScenes(_ProceduralSource):
     """Procedural 20-class segmentation source of multi-part objects on varied scenes
     (PASCAL-5i-like block folds). See the module docstring for the design.
 
@@ -928,58 +921,15 @@ class SyntheticScenes(ClassIndexSource):
         cache: keep generated images in memory.
     """
 
-    num_classes = 20
-    fold_scheme = "block"
     class_names = SCENE_CLASS_NAMES
+    default_size = 128
     scene_classes = SCENE_CLASSES
     scene_types = SCENE_TYPES
     area_range = (0.06, 0.28)  # object area as a fraction of the image (log-uniform)
 
-    def __init__(
-        self,
-        split: str = "train",
-        num_images: int | Mapping[str, int] | None = None,
-        image_size: int | tuple[int, int] = 128,
-        seed: int = 0,
-        min_pixels: int | None = None,
-        border: int = 1,
-        max_objects: int = 3,
-        cache: bool = True,
-    ) -> None:
-        if split not in _SPLIT_KEY:
-            raise ValueError(f"split must be one of {sorted(_SPLIT_KEY)}, got {split!r}")
-        if isinstance(image_size, int):
-            image_size = (image_size, image_size)
-        h, w = (int(s) for s in image_size)
-        if min(h, w) < 16:
-            raise ValueError(f"image_size must be at least 16 pixels, got {(h, w)}")
-        if not 1 <= max_objects <= self.num_classes:
-            raise ValueError(f"max_objects must be in 1..{self.num_classes}, got {max_objects}")
-        super().__init__(min_pixels=min_pixels, image_size=(h, w))
-        self.split = split
-        if isinstance(num_images, Mapping):
-            num_images = num_images.get(split)
-        self.num_images = _DEFAULT_NUM_IMAGES[split] if num_images is None else int(num_images)
-        self.image_size = (h, w)
-        self.seed = int(seed)
-        self.border = int(border)
-        self.max_objects = int(max_objects)
-        self.cache = bool(cache)
-        self._images: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    def __init__(self, *args, **kwargs) -> None:  # the arguments of _ProceduralSource
+        super().__init__(*args, **kwargs)
         self._blocks: dict[int, list[list[int]]] = {}  # object classes per 20 images
-
-    def __len__(self) -> int:
-        return self.num_images
-
-    def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Image uint8 [H, W, 3] and class-index mask uint8 [H, W] (255 = ignore)."""
-        i = self._check_index(i)
-        item = self._images.get(i)
-        if item is None:
-            item = self.render(i)
-            if self.cache:
-                self._images[i] = item
-        return item
 
     def render(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Generate image i without touching the cache (pure function of seed, split, i).
