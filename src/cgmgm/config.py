@@ -16,6 +16,7 @@ from typing import Any
 import cgmgm
 
 __all__ = [
+    "CKPT_WHAT",
     "check_protocol",
     "compose",
     "compose_model",
@@ -23,9 +24,11 @@ __all__ = [
     "format_table",
     "instantiate_callbacks",
     "instantiate_loggers",
+    "load_checkpoint",
     "protocol_record",
     "report",
     "run_info",
+    "setting_diffs",
     "to_plain",
     "write_metrics",
 ]
@@ -219,3 +222,77 @@ def format_table(
             lines.append("-" * len(lines[1]))
         lines.append(f"{name:{width}}  {value}{note if name == 'mIoU' else ''}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- checkpoints (both apps)
+
+CKPT_WHAT = "a cgmgm checkpoint (a .ckpt file written by cgmgm.train)"
+
+
+def _unreadable(err: Exception) -> str:
+    """Why torch.load(weights_only=True) failed, without its advice to drop weights_only."""
+    text = str(err)
+    if "Unsupported global" in text or "Unsupported operand" in text:
+        return "it holds Python objects besides tensors and plain types"
+    if "zip archive" in text or "central directory" in text:
+        return "a damaged or truncated file"
+    if isinstance(err, EOFError):
+        return "the file ends early"
+    return "not a PyTorch checkpoint file"
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A cgmgm checkpoint (a Lightning checkpoint of :class:`~cgmgm.lit.LitCGMGM`) loaded with
+    ``torch.load(..., weights_only=True)`` (plain types and tensors). Anything else (no such
+    file, empty, unreadable, another program's checkpoint) is an error naming the file."""
+    import torch
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        last = path / "checkpoints" / "last.ckpt"
+        hint = f", e.g. ckpt_path={last}" if last.is_file() else ""
+        raise IsADirectoryError(f"ckpt_path={path} is a directory; pass {CKPT_WHAT}{hint}")
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={path}: no such file; pass {CKPT_WHAT}")
+    if path.stat().st_size == 0:
+        raise ValueError(
+            f"ckpt_path={path} is an empty file (0 bytes; an interrupted save?), not {CKPT_WHAT}"
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear error
+        raise ValueError(
+            f"ckpt_path={path} is not {CKPT_WHAT}: torch.load cannot read it ({_unreadable(err)})"
+        ) from None
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    hp = hp if isinstance(hp, dict) else {}
+    lacks = []
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict)):
+        lacks.append("state_dict")
+    if not isinstance(hp.get("model"), dict):
+        lacks.append("hyper_parameters.model")
+    if not (isinstance(hp.get("backbone"), dict) and "name" in hp["backbone"]):
+        lacks.append("hyper_parameters.backbone.name")
+    if lacks:
+        raise ValueError(f"ckpt_path={path} is not {CKPT_WHAT}: it has no {', '.join(lacks)}")
+    return ckpt
+
+
+def _flat(tree: Any, prefix: str) -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}."))
+    return out
+
+
+def setting_diffs(trained: Any, current: Any, prefix: str) -> list[str]:
+    """``key: <checkpoint's> -> <this run's>`` for every (dotted) key whose value differs."""
+    a, b = _flat(trained, prefix), _flat(current, prefix)
+    unset = object()
+    return [
+        f"{key}: {a.get(key, '(unset)')} -> {b.get(key, '(unset)')}"
+        for key in sorted(a.keys() | b.keys())
+        if a.get(key, unset) != b.get(key, unset)
+    ]

@@ -40,12 +40,13 @@ from cgmgm.config import (
     config_dir,
     instantiate_callbacks,
     instantiate_loggers,
+    load_checkpoint,
     protocol_record,
     report,
     run_info,
+    setting_diffs,
     to_plain,
 )
-from cgmgm.eval import load_checkpoint, setting_diffs
 from cgmgm.lit import LitCGMGM, class_names_of
 from cgmgm.loggers import finish_loggers
 from cgmgm.metrics import classes_drawn

@@ -86,6 +86,12 @@ def show_files(items: Sequence[Any], limit: int = _SHOWN) -> str:
     return shown + (f" ... and {len(items) - limit} more" if len(items) > limit else "")
 
 
+def show_lines(items: Sequence[Any], limit: int = _SHOWN) -> str:
+    """One ``"\n  - item"`` line per item for the first ``limit``, then "... and N more"."""
+    lines = "".join(f"\n  - {x}" for x in items[:limit])
+    return lines + (f"\n  ... and {len(items) - limit} more" if len(items) > limit else "")
+
+
 def has_suffix(path: str | Path, suffixes: Iterable[str]) -> bool:
     """True when ``path`` ends in one of ``suffixes``, compared in lower case."""
     return Path(path).suffix.lower() in {s.lower() for s in suffixes}
@@ -404,13 +410,9 @@ class ScanReport:
         return out
 
     def error_text(self) -> str:
-        lines = "\n".join(f"  - {p}" for p in self.problems[:_SHOWN])
-        more = (
-            f"\n  ... and {len(self.problems) - _SHOWN} more" if len(self.problems) > _SHOWN else ""
-        )
         return (
             f"{self.where}: {len(self.problems)} problem(s) found at start-up (every mask and "
-            f"image header is read before the first episode):\n{lines}{more}"
+            f"image header is read before the first episode):{show_lines(self.problems)}"
         )
 
 

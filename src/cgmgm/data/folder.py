@@ -48,6 +48,7 @@ from cgmgm.data.files import (
     require_dir,
     require_root,
     show_files,
+    show_lines,
     split_option,
 )
 
@@ -245,9 +246,8 @@ def all_pairs(image_dir: Path, mask_dir: Path) -> list[tuple[str, Path, Path]]:
     if problems:
         raise DatasetError(
             f"{len(problems)} problem(s) pairing {image_dir} with {mask_dir} (list_file=all: "
-            "every image needs its <name>.png mask and every mask its image):\n  - "
-            + "\n  - ".join(problems[:10])
-            + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+            "every image needs its <name>.png mask and every mask its image):"
+            + show_lines(problems)
             + "\nFix: add the missing files or remove the unpaired ones"
         )
     if other:

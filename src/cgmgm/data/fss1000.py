@@ -38,6 +38,7 @@ from cgmgm.data.files import (
     read_gray,
     require_root,
     show_files,
+    show_lines,
     split_option,
     value_set,
 )
@@ -192,12 +193,10 @@ class FSS1000(FileSource):
         self.layout_problems = problems
         self.ignored_files = other
         if problems and strict:
-            shown = "\n  - ".join(problems[:10])
-            more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
             raise DatasetError(
                 f"fss1000 data at {root}: {len(problems)} problem(s) in the class folders "
-                f"(each image needs its mask of the same name, and each mask its image):\n"
-                f"  - {shown}{more}"
+                f"(each image needs its mask of the same name, and each mask its image):"
+                f"{show_lines(problems)}"
             )
         if other:
             warnings.warn(
