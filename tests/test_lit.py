@@ -83,6 +83,16 @@ def test_backbone_frozen_in_eval_and_training_free_has_no_optimiser():
         free.on_train_start()
 
 
+def test_loss_upsamples_logits_by_the_one_resize():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 2, 5, 7, generator=g)
+    target = torch.randint(0, 2, (2, 20, 28), generator=g)
+    target[:, :3] = 255  # ignored
+    up = F.interpolate(logits, size=(20, 28), mode="bilinear", align_corners=True)
+    want = F.cross_entropy(up, target, ignore_index=255)
+    assert torch.equal(LitCGMGM.loss(logits, target), want)
+
+
 def _counts(maps, label, size, crop, align_corners=True):
     """(fg_i, fg_u, bg_i, bg_u) of maps upsampled to ``size`` (bilinear), cropped top-left to
     ``crop`` = (H, W) and scored against label [H, W] (255 ignored). maps: logits [2, h, w]

@@ -1,5 +1,8 @@
-"""FSSIoU against a brute-force numpy reference; exactness under DDP-style splits."""
+"""Scoring: FSSIoU against a brute-force numpy reference, exactness under DDP-style splits and
+any batch size, the one resize, scoring at original label size (BAM ``ori_resize``) and at test
+size (HSNet), GmIoU."""
 
+import dataclasses
 import math
 import os
 import socket
@@ -9,8 +12,19 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
-from cgmgm.metrics import FSSIoU, binarize, flatten_results
+from cgmgm.data.protocols import PROTOCOLS
+from cgmgm.metrics import (
+    FSSIoU,
+    binarize,
+    episode_results,
+    flatten_results,
+    original_size_prediction,
+    restore_original,
+    score,
+)
+from cgmgm.models.resize import resize
 
 C = 5
 
@@ -164,6 +178,8 @@ def test_binarize():
     up = binarize(prob, size=(4, 4))
     assert up.shape == (1, 4, 4) and up.dtype == torch.long
     assert up[0, 0, 0] == 0 and up[0, 3, 3] == 1
+    ref = F.interpolate(prob[:, None], size=(4, 4), mode="bilinear", align_corners=True)
+    assert torch.equal(up, (ref[:, 0] > 0.5).long())  # the one resize: align_corners=True
     with pytest.raises(ValueError):
         binarize(torch.rand(1, 2, 3, 3))
 
@@ -178,6 +194,25 @@ def test_gmiou_is_a_second_instance():
     assert gm.compute()["mIoU"].item() == pytest.approx(ref["mIoU"], abs=1e-9)
 
 
+def test_resize_is_bilinear_align_corners_true():
+    maps = torch.randn(2, 3, 5, 7)
+    assert resize(maps, (5, 7)) is maps  # already that size
+    up = resize(maps, torch.Size([9, 4]))
+    assert torch.equal(up, F.interpolate(maps, size=(9, 4), mode="bilinear", align_corners=True))
+    assert torch.equal(up[..., 0, 0], maps[..., 0, 0])  # corners are kept (align_corners)
+    assert torch.equal(up[..., -1, -1], maps[..., -1, -1])
+
+
+def test_episode_results_adds_the_gmiou():
+    iou, gm = FSSIoU(3), FSSIoU(3)
+    ones, zeros = torch.ones(1, 2, 2, dtype=torch.long), torch.zeros(1, 2, 2, dtype=torch.long)
+    iou.update(ones, ones, 1)
+    gm.update(zeros, ones, 1)
+    res = episode_results(iou, gm, "val/", class_ids=[6, 7, 8])
+    assert res == {**flatten_results(iou.compute(), "val/", [6, 7, 8]), "val/GmIoU": 0.0}
+    assert res["val/mIoU"] == 100.0
+
+
 def test_flatten_results():
     m = FSSIoU(3)
     x = torch.ones(1, 2, 2, dtype=torch.long)
@@ -187,3 +222,157 @@ def test_flatten_results():
     assert flat["test/IoU/class_7"] == 100.0
     assert "test/IoU/class_6" not in flat  # classes without episodes are omitted
     assert all(isinstance(v, float) for v in flat.values())
+
+
+# ---------------------------------------------------------------------- scoring by protocol
+
+STATES = ("intersection", "union", "episodes", "fb_intersection", "fb_union")
+SIZES = [(37, 50), (50, 21), (44, 44), (12, 49), (50, 50), (30, 41), (9, 13)]  # (H, W)
+CANVAS = 50
+
+
+def _original_batch(seed=0, n_cls=3):
+    """Test-size logits [N, 2, 17, 17] and guidance [N, 1, 6, 6] of queries whose original
+    labels (random {0, 1, 255}) have the mixed sizes SIZES, pasted on a CANVAS square."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(SIZES)
+    labels, masks = [], torch.full((n, CANVAS, CANVAS), 255, dtype=torch.long)
+    for k, (h, w) in enumerate(SIZES):
+        lab = torch.randint(0, 2, (h, w), generator=g)
+        lab[torch.rand(h, w, generator=g) < 0.1] = 255
+        labels.append(lab.numpy())
+        masks[k, :h, :w] = lab
+    batch = {
+        "query_mask_orig": masks,
+        "query_orig_size": torch.tensor(SIZES),
+        "class_idx": torch.arange(n) % n_cls,
+    }
+    logits = torch.randn(n, 2, 17, 17, generator=g)
+    guidance = torch.rand(n, 1, 6, 6, generator=g)
+    return logits, guidance, labels, batch
+
+
+def _brute_force(maps, labels, cls_idx, n_cls, mode="pad"):
+    """Per-episode reference (BAM test.py for "pad"): the label pasted top-left in a 255 square
+    of side max(H, W), the maps upsampled (bilinear, align_corners=True) to it; "squash": to
+    H x W. Foreground = argmax 1 of logits [2, h, w] or probability [1, h, w] > 0.5.
+    Returns FSSIoU's integer states as numpy arrays."""
+    inter, union, episodes = (np.zeros(n_cls, np.int64) for _ in range(3))
+    fb_i, fb_u = np.zeros(2, np.int64), np.zeros(2, np.int64)
+    for m, lab, c in zip(maps, labels, cls_idx, strict=True):
+        h, w = lab.shape
+        side = (max(h, w),) * 2 if mode == "pad" else (h, w)
+        back = np.full(side, 255, np.int64)
+        back[:h, :w] = lab
+        up = F.interpolate(m[None].float(), size=side, mode="bilinear", align_corners=True)[0]
+        pred = (up.argmax(0) if len(up) == 2 else (up[0] > 0.5).long()).numpy()
+        valid = back != 255
+        episodes[c] += 1
+        for k, (p_on, t_on) in enumerate(((pred == 0, back == 0), (pred == 1, back == 1))):
+            i = (p_on & t_on & valid).sum()
+            u = ((p_on | t_on) & valid).sum()
+            fb_i[k] += i
+            fb_u[k] += u
+            if k == 1:
+                inter[c] += i
+                union[c] += u
+    return {
+        "intersection": inter,
+        "union": union,
+        "episodes": episodes,
+        "fb_intersection": fb_i,
+        "fb_union": fb_u,
+    }
+
+
+def _scored(protocol, output, batch, batch_size, n_cls=3):
+    """FSSIoU's states after scoring ``output`` in consecutive batches of ``batch_size``."""
+    metric = FSSIoU(n_cls)
+    n = output.shape[0]
+    for start in range(0, n, batch_size):
+        part = slice(start, start + batch_size)
+        score(metric, output[part], {k: v[part] for k, v in batch.items()}, protocol)
+    return {k: getattr(metric, k).numpy() for k in STATES}
+
+
+def test_scoring_at_original_size_equals_brute_force():
+    logits, _, labels, batch = _original_batch()
+    metric = FSSIoU(3)
+    score(metric, logits, batch, PROTOCOLS["bam"])
+    got = metric.compute()
+    ref = _brute_force(logits, labels, batch["class_idx"].tolist(), 3)
+    iou = ref["intersection"] / np.maximum(ref["union"], 1) * 100
+    assert float(got["mIoU"]) == pytest.approx(iou.mean(), abs=1e-9)
+    fb = ref["fb_intersection"] / ref["fb_union"] * 100
+    assert float(got["FB-IoU"]) == pytest.approx(fb.mean(), abs=1e-9)
+    pred, target = original_size_prediction(logits, batch)
+    assert pred.shape == target.shape == (len(SIZES), CANVAS, CANVAS)
+    for k, (h, w) in enumerate(SIZES):  # 0 outside each label
+        assert (pred[k, h:] == 0).all() and (pred[k, :, w:] == 0).all()
+    # a probability map goes through the same geometry, thresholded at 0.5
+    prob = logits.softmax(1)[:, 1]
+    pred_p, _ = original_size_prediction(prob, batch)
+    for k, (h, w) in enumerate(SIZES):
+        side = max(h, w)
+        up = F.interpolate(
+            prob[k][None, None], size=(side, side), mode="bilinear", align_corners=True
+        )
+        assert torch.equal(pred_p[k, :h, :w], (up[0, 0, :h, :w] > 0.5).long())
+
+
+@pytest.mark.parametrize("mode", ["pad", "squash"])
+def test_original_size_scores_do_not_depend_on_batch_size(mode):
+    """The same episodes (mixed original sizes) scored one by one, three at a time and all in
+    one batch give the same integer counts, equal to the per-episode reference; for the
+    prediction (logits) and the guidance map (GmIoU) alike."""
+    protocol = dataclasses.replace(PROTOCOLS["bam"], resize=mode)
+    logits, guidance, labels, batch = _original_batch(seed=1)
+    cls_idx = batch["class_idx"].tolist()
+    for output in (logits, guidance):
+        ref = _brute_force(output, labels, cls_idx, 3, mode)
+        for batch_size in (1, 3, len(SIZES)):
+            got = _scored(protocol, output, batch, batch_size)
+            for key in STATES:
+                assert np.array_equal(got[key], ref[key]), (mode, batch_size, key)
+    other = dataclasses.replace(protocol, resize="squash" if mode == "pad" else "pad")
+    assert not np.array_equal(
+        _scored(other, logits, batch, 3)["union"], _scored(protocol, logits, batch, 3)["union"]
+    )  # the resize mode matters, so the equalities above test it
+
+
+def test_restore_original_squash_and_errors():
+    maps = torch.arange(16.0).reshape(1, 1, 4, 4)
+    out = restore_original(maps, torch.tensor([[8, 6]]), 10, mode="squash")
+    assert out.shape == (1, 1, 10, 10) and (out[0, 0, 8:] == 0).all()
+    ref = F.interpolate(maps, size=(8, 6), mode="bilinear", align_corners=True)
+    assert torch.allclose(out[0, 0, :8, :6], ref[0, 0])
+    with pytest.raises(ValueError, match="exceeds the canvas"):
+        restore_original(maps, torch.tensor([[12, 6]]), 10)
+    with pytest.raises(ValueError, match="'pad' or 'squash'"):
+        restore_original(maps, torch.tensor([[8, 6]]), 10, mode="crop")
+    with pytest.raises(KeyError, match="original_size"):
+        original_size_prediction(maps, {"query_mask": torch.zeros(1, 4, 4)})
+
+
+def test_hsnet_scores_at_test_size():
+    logits = torch.randn(2, 2, 5, 5)
+    target = torch.randint(0, 2, (2, 20, 20))
+    metric = FSSIoU(1)
+    score(metric, logits, {"query_mask": target, "class_idx": 0}, PROTOCOLS["hsnet"])
+    up = F.interpolate(logits, size=(20, 20), mode="bilinear", align_corners=True).argmax(1)
+    ref = FSSIoU(1)
+    ref.update(up, target, 0)
+    for key in STATES:
+        assert torch.equal(getattr(metric, key), getattr(ref, key))
+
+
+def test_original_size_protocol_without_original_labels_scores_query_mask():
+    """Episodes that were not resized carry no query_mask_orig: their query_mask is the
+    original label, scored as it is."""
+    logits = torch.randn(2, 2, 6, 6)
+    target = torch.randint(0, 2, (2, 6, 6))
+    a, b = FSSIoU(1), FSSIoU(1)
+    score(a, logits, {"query_mask": target, "class_idx": 0}, PROTOCOLS["bam"])
+    b.update(logits.argmax(1), target, 0)
+    for key in STATES:
+        assert torch.equal(getattr(a, key), getattr(b, key))

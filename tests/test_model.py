@@ -74,6 +74,19 @@ def test_training_free_has_no_parameters_and_predicts_the_posterior(tiny_backbon
     assert torch.equal(pred, (up[:, 0] > 0.5).long())
 
 
+def test_decoder_logits_are_upsampled_by_the_one_resize(tiny_backbone):
+    """Both branches upsample their logits as the scores do: bilinear, align_corners=True."""
+    model = make_model(tiny_backbone, proj_dim=16, em_iters=3).eval()
+    seen = []
+    model.decoder.register_forward_hook(lambda mod, args, out: seen.append(out))
+    with torch.no_grad():
+        out = model(*_episode())
+    (coarse,) = seen  # [B, 2, h, w]
+    assert coarse.shape[-2:] != out["logits"].shape[-2:]
+    up = torch.nn.functional.interpolate(coarse, size=(64, 48), mode="bilinear", align_corners=True)
+    assert torch.equal(out["logits"], up)
+
+
 def test_empty_support_mask_is_finite(tiny_backbone):
     model = make_model(tiny_backbone, proj_dim=16, em_iters=3)
     q, s, m = _episode()

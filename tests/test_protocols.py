@@ -1,23 +1,16 @@
-"""Protocols (BAM / HSNet / PFENet), test-time resizing, scoring at original label size, and
-BAM's training augmentation keeping 255 as ignore."""
+"""Protocols (BAM / HSNet / PFENet): their facts, test-time resizing, BAM's training augmentation
+keeping 255 as ignore, and a pad-resize protocol scored end to end on files (the scoring itself
+is tested in test_metrics.py)."""
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from _data_fixtures import H, W, pascal_fixture
 from cgmgm.data import EpisodeDataset, build_source
-from cgmgm.data.protocols import (
-    BAM_SEEDS,
-    PROTOCOLS,
-    bam_seeds,
-    get_protocol,
-    original_size_prediction,
-    restore_original,
-)
+from cgmgm.data.protocols import BAM_SEEDS, PROTOCOLS, bam_seeds, get_protocol
 from cgmgm.data.transforms import BAMTrainTransform, PadResize, SquashResize, bam_train_transform
-from cgmgm.metrics import FSSIoU
+from cgmgm.metrics import FSSIoU, score
 
 
 def test_protocol_facts():
@@ -113,91 +106,6 @@ def test_augmentation_as_episode_transform(tmp_path):
     assert set(ep["query_mask"].unique().tolist()) <= {0, 1, 255}
 
 
-def _brute_force(logits, labels, cls_idx, n_cls):
-    """BAM test.py: label pasted top-left in a 255 square of side max(H, W), logits upsampled
-    (bilinear, align_corners=True) to it, argmax, I/U of the foreground per class."""
-    inter, union = np.zeros(n_cls), np.zeros(n_cls)
-    fb_i, fb_u = np.zeros(2), np.zeros(2)
-    for lg, lab, c in zip(logits, labels, cls_idx, strict=True):
-        h, w = lab.shape
-        side = max(h, w)
-        back = np.full((side, side), 255, np.int64)
-        back[:h, :w] = lab
-        up = F.interpolate(lg[None], size=(side, side), mode="bilinear", align_corners=True)
-        pred = up[0].argmax(0).numpy()
-        valid = back != 255
-        for k, (p_on, t_on) in enumerate(((pred == 0, back == 0), (pred == 1, back == 1))):
-            i = (p_on & t_on & valid).sum()
-            u = ((p_on | t_on) & valid).sum()
-            fb_i[k] += i
-            fb_u[k] += u
-            if k == 1:
-                inter[c] += i
-                union[c] += u
-    iou = inter / np.maximum(union, 1) * 100
-    return iou.mean(), (fb_i / fb_u * 100).mean()
-
-
-def test_scoring_at_original_size_equals_brute_force():
-    g = torch.Generator().manual_seed(0)
-    sizes = [(37, 50), (50, 21), (44, 44), (12, 49), (50, 50), (30, 41)]
-    canvas = 50
-    logits = torch.randn(len(sizes), 2, 17, 17, generator=g)
-    labels, batch_masks = [], torch.full((len(sizes), canvas, canvas), 255, dtype=torch.long)
-    for k, (h, w) in enumerate(sizes):
-        lab = torch.randint(0, 2, (h, w), generator=g)
-        lab[torch.rand(h, w, generator=g) < 0.1] = 255
-        labels.append(lab.numpy())
-        batch_masks[k, :h, :w] = lab
-    cls_idx = torch.tensor([0, 1, 2, 0, 1, 2])
-    batch = {
-        "query_mask_orig": batch_masks,
-        "query_orig_size": torch.tensor(sizes),
-        "class_idx": cls_idx,
-    }
-    metric = FSSIoU(3)
-    PROTOCOLS["bam"].score(metric, logits, batch)
-    got = metric.compute()
-    miou, fbiou = _brute_force(logits, labels, cls_idx.tolist(), 3)
-    assert float(got["mIoU"]) == pytest.approx(miou, abs=1e-9)
-    assert float(got["FB-IoU"]) == pytest.approx(fbiou, abs=1e-9)
-    pred, target = original_size_prediction(logits, batch)
-    assert pred.shape == target.shape == (6, canvas, canvas)
-    # a probability map goes through the same geometry, thresholded at 0.5
-    prob = logits.softmax(1)[:, 1]
-    pred_p, _ = original_size_prediction(prob, batch)
-    for k, (h, w) in enumerate(sizes):
-        side = max(h, w)
-        up = F.interpolate(
-            prob[k][None, None], size=(side, side), mode="bilinear", align_corners=True
-        )
-        valid = batch_masks[k, :h, :w] != 255  # ignored pixels are zeroed, they count nowhere
-        assert torch.equal(pred_p[k, :h, :w][valid], (up[0, 0, :h, :w] > 0.5).long()[valid])
-
-
-def test_restore_original_squash_and_errors():
-    maps = torch.arange(16.0).reshape(1, 1, 4, 4)
-    out = restore_original(maps, torch.tensor([[8, 6]]), 10, resize="squash")
-    assert out.shape == (1, 1, 10, 10) and (out[0, 0, 8:] == 0).all()
-    ref = F.interpolate(maps, size=(8, 6), mode="bilinear", align_corners=True)
-    assert torch.allclose(out[0, 0, :8, :6], ref[0, 0])
-    with pytest.raises(ValueError, match="exceeds the canvas"):
-        restore_original(maps, torch.tensor([[12, 6]]), 10)
-    with pytest.raises(KeyError, match="original_size"):
-        original_size_prediction(maps, {"query_mask": torch.zeros(1, 4, 4)})
-
-
-def test_hsnet_scores_at_test_size():
-    logits = torch.randn(2, 2, 5, 5)
-    target = torch.randint(0, 2, (2, 20, 20))
-    metric = FSSIoU(1)
-    PROTOCOLS["hsnet"].score(metric, logits, {"query_mask": target, "class_idx": 0})
-    up = F.interpolate(logits, size=(20, 20), mode="bilinear", align_corners=True).argmax(1)
-    ref = FSSIoU(1)
-    ref.update(up, target, 0)
-    assert float(metric.compute()["mIoU"]) == float(ref.compute()["mIoU"])
-
-
 def test_end_to_end_pad_protocol_on_files(tmp_path):
     root = tmp_path / "voc"
     pascal_fixture(root)
@@ -218,6 +126,6 @@ def test_end_to_end_pad_protocol_on_files(tmp_path):
     q = batch["query_mask"]
     logits = torch.stack([(q == 0).float(), (q == 1).float()], 1) * 10
     metric = FSSIoU(len(ds.classes))
-    bam.score(metric, logits, batch)
+    score(metric, logits, batch, bam)
     assert float(metric.compute()["mIoU"]) > 85.0
     assert t.content_size(H, W) == (32, 48)

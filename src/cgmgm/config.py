@@ -17,6 +17,8 @@ import cgmgm
 
 __all__ = [
     "CKPT_WHAT",
+    "attach_feature_cache",
+    "build_datamodule",
     "check_protocol",
     "compose",
     "compose_model",
@@ -94,6 +96,30 @@ def instantiate_loggers(cfg: Mapping[str, Any] | None) -> list[Any]:
 def instantiate_callbacks(cfg: Mapping[str, Any] | None) -> list[Any]:
     """Callbacks of the ``callbacks`` group (``{name: node}``; null entries are dropped)."""
     return _instantiate_named(cfg, "callback")
+
+
+def build_datamodule(cfg: Any, **overrides: Any) -> Any:
+    """The ``dataset`` config's data module, with the ``cache`` config's image settings."""
+    from hydra.utils import instantiate
+
+    cache = cfg.cache
+    return instantiate(
+        cfg.dataset, cache=bool(cache.enabled), image_cache_mb=int(cache.images_mb), **overrides
+    )
+
+
+def attach_feature_cache(cfg: Any, module: Any, datamodule: Any, training: bool) -> dict[str, Any]:
+    """Give ``module`` the ``cache`` config's frozen-feature cache (when enabled), print where
+    it is on (training episodes too with ``training``) and why not elsewhere, and return that
+    record for metrics.json."""
+    cache = cfg.cache
+    if cache.enabled:
+        module.use_feature_cache(int(float(cache.memory_gb) * 2**30), cache.dir)
+    record = getattr(datamodule, "cache_record", None)
+    splits = record(training) if record is not None else {}
+    record = {"enabled": bool(cache.enabled), **splits}
+    print("feature cache: " + "; ".join(f"{k} {v}" for k, v in splits.items()))
+    return record
 
 
 def run_info(cfg: Any, model: Mapping[str, Any], backbone: Mapping[str, Any]) -> dict[str, Any]:

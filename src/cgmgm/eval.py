@@ -28,6 +28,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from cgmgm.config import (
+    attach_feature_cache,
+    build_datamodule,
     check_protocol,
     config_dir,
     instantiate_callbacks,
@@ -183,10 +185,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
 
     seen = meta.get("train_class_names")  # a checkpoint's training classes: never tested on
-    datamodule = instantiate(cfg.dataset, test_seed=seeds[0], seen_classes=seen)
+    datamodule = build_datamodule(cfg, test_seed=seeds[0], seen_classes=seen)
     check_protocol(cfg, datamodule)
     module = build_module(cfg, datamodule.classes, class_names_of(datamodule), ckpt)
     del ckpt
+    cache = attach_feature_cache(cfg, module, datamodule, training=False)
     loggers = instantiate_loggers(cfg.get("logger"))
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
@@ -194,15 +197,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     try:
         per_seed = {}
         for seed in seeds:
-            if seed == seeds[0]:
-                dm = datamodule
-            else:  # the same data module, another episode seed ("auto" sizes read once)
-                size = (
-                    {"original_size": datamodule.original_size} if datamodule.original_size else {}
-                )
-                dm = instantiate(cfg.dataset, test_seed=seed, seen_classes=seen, **size)
+            datamodule.set_test_seed(seed)  # the same images (and caches), other episodes
             try:
-                results = trainer.test(module, datamodule=dm, verbose=False)[0]
+                results = trainer.test(module, datamodule=datamodule, verbose=False)[0]
             except Exception as err:
                 if per_seed and trainer.is_global_zero:  # keep the finished seeds' results
                     partial = {**aggregate(per_seed), "seeds_done": list(per_seed)}
@@ -217,6 +214,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         metrics.update(run_info(cfg, module.hparams.model, module.hparams.backbone))
         metrics.update(protocol_record(datamodule))
         metrics["seeds"] = seeds
+        metrics["feature_cache"] = {**cache, **module.feature_cache_stats()}
         metrics["ckpt_path"] = str(cfg.ckpt_path) if cfg.ckpt_path else None
         metrics["wall_time_s"] = round(time.perf_counter() - start, 1)
         if trainer.is_global_zero:

@@ -10,10 +10,12 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
+
+from cgmgm.constants import IGNORE_INDEX
+from cgmgm.models.resize import resize
 
 __all__ = ["EpisodeFigures", "episode_figure"]
 
@@ -34,13 +36,12 @@ def _overlay(img: np.ndarray, mask: Tensor, colour: np.ndarray, alpha: float = 0
 
 
 def _upsample(m: Tensor, size: tuple[int, int]) -> np.ndarray:
-    """[1, h, w] map -> [H, W] numpy, bilinear."""
-    up = F.interpolate(m[None].float(), size=size, mode="bilinear", align_corners=False)
-    return up[0, 0].cpu().numpy()
+    """[1, h, w] map -> [H, W] numpy, by the one resize the scores use."""
+    return resize(m[None].float(), size)[0, 0].cpu().numpy()
 
 
 def _fg_iou(pred: Tensor, target: Tensor) -> float:
-    valid = target != 255
+    valid = target != IGNORE_INDEX
     p, t = (pred == 1) & valid, target == 1
     union = (p | t).sum().item()
     return 100.0 * (p & t).sum().item() / union if union else 0.0

@@ -29,12 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cgmgm.constants import IGNORE_INDEX
 from cgmgm.data.protocols import get_protocol
-from cgmgm.metrics import FSSIoU, flatten_results
+from cgmgm.features import FeatureCache, backbone_fingerprint
+from cgmgm.metrics import FSSIoU, episode_results, score
 from cgmgm.models.backbone import build_backbone
 from cgmgm.models.cgmgm import CGMGM
+from cgmgm.models.resize import resize
 
-IGNORE_INDEX = 255
 _PLAIN = (str, int, float, bool, type(None))
 # Map outputs passed on to callbacks (figures), at feature resolution [B, 1, h, w].
 MAP_KEYS = ("guidance", "cosine_prior", "posterior", "initial_mask")
@@ -91,13 +93,6 @@ def _check_plain(value: Any, name: str) -> None:
         raise TypeError(f"{name} must be a plain value, got {type(value).__name__}")
 
 
-def _resize(maps: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear resize of [B, C, h, w] to ``size`` (no-op when equal), as the model's own."""
-    if tuple(maps.shape[-2:]) == tuple(size):
-        return maps
-    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
-
-
 def model_kwargs(model: Mapping[str, Any]) -> dict[str, Any]:
     """CGMGM keywords from a complete ``model`` config (every key of conf/model/cgmgm.yaml)."""
     values = _require(model, MODEL_KEYS, "model", "conf/model/cgmgm.yaml")
@@ -124,7 +119,7 @@ class LitCGMGM(L.LightningModule):
         seed: seed of the training randomness (dropout).
         meta: free plain-typed run information stored in the checkpoint (fold, shot, ...).
         protocol: the evaluation protocol that scores val/test batches ("bam", "hsnet",
-            "pfenet"; :meth:`cgmgm.data.protocols.Protocol.score`).
+            "pfenet"; :func:`cgmgm.metrics.score`).
     """
 
     def __init__(
@@ -152,26 +147,78 @@ class LitCGMGM(L.LightningModule):
         n = len(self.class_ids)
         self.val_iou, self.val_gm = FSSIoU(n), FSSIoU(n)
         self.test_iou, self.test_gm = FSSIoU(n), FSSIoU(n)
+        # frozen-feature cache (use_feature_cache); not state: checkpoints never hold it
+        self._cache_spec: tuple[int, str | None] | None = None
+        self.feature_cache: FeatureCache | None = None
 
     @property
     def training_free(self) -> bool:
         return bool(self.model.training_free)
 
-    def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    # ------------------------------------------------------------------ frozen features
+
+    def use_feature_cache(self, max_bytes: int, directory: str | None = None) -> None:
+        """Serve the frozen backbone's outputs from a :class:`~cgmgm.features.FeatureCache`
+        for batches carrying ``image_keys`` (episodes whose images are cacheable); results are
+        identical with and without it. ``max_bytes`` 0 with no ``directory``: no cache."""
+        self._cache_spec = (int(max_bytes), directory) if max_bytes or directory else None
+        self.feature_cache = None
+
+    def bind_feature_cache(self) -> None:
+        """(Re)bind the cache to the backbone's current weights (after any checkpoint load);
+        run at the start of fit, validation and test."""
+        spec = self._cache_spec
+        if spec is None:
+            return
+        fingerprint = backbone_fingerprint(self.model.backbone)
+        if self.feature_cache is None or self.feature_cache.backbone_id != fingerprint:
+            self.feature_cache = FeatureCache(fingerprint, *spec)
+
+    def feature_cache_stats(self) -> dict[str, int]:
+        """Images served from memory (``hits``), from disk and computed (``misses``)."""
+        return {} if self.feature_cache is None else self.feature_cache.stats()
+
+    def on_fit_start(self) -> None:
+        self.bind_feature_cache()
+
+    def on_validation_start(self) -> None:
+        self.bind_feature_cache()
+
+    def on_test_start(self) -> None:
+        self.bind_feature_cache()
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """Episode batch -> CGMGM outputs (``logits`` [B, 2, H, W], maps [B, 1, h, w])."""
-        return self.model(
+        cache, keys = self.feature_cache, batch.get("image_keys")
+        if cache is None or keys is None:
+            return self.model(
+                batch["query_img"],
+                batch["support_imgs"],
+                batch["support_masks"],
+                batch.get("query_valid"),
+            )
+        query_img, support_imgs = (
             batch["query_img"],
             batch["support_imgs"],
+        )  # [B, 3, H, W], [B, K, 3, H, W]
+        b, k = support_imgs.shape[:2]
+        # keys: K + 1 tuples of B keys (query, then each shot) -> rows: queries, then supports
+        # in [B, K] order, as support_imgs.flatten(0, 1)
+        rows = list(keys[0]) + [keys[1 + j][i] for i in range(b) for j in range(k)]
+        images = torch.cat([query_img, support_imgs.flatten(0, 1)])  # [B + B*K, 3, H, W]
+        mid, high = cache.features(self.model.backbone, images, rows)
+        return self.model.from_features(
+            (mid[:b], high[:b]),  # [B, Cm, h, w], [B, Ch, h, w]
+            (mid[b:], high[b:]),  # [B*K, Cm, h, w], [B*K, Ch, h, w]
             batch["support_masks"],
             batch.get("query_valid"),
+            tuple(query_img.shape[-2:]),
         )
 
     @staticmethod
     def loss(logits: Tensor, target: Tensor) -> Tensor:
         """Cross-entropy of logits [B, 2, H, W] against target [B, H, W] (255 ignored)."""
-        return F.cross_entropy(
-            _resize(logits, tuple(target.shape[-2:])), target, ignore_index=IGNORE_INDEX
-        )
+        return F.cross_entropy(resize(logits, target.shape[-2:]), target, ignore_index=IGNORE_INDEX)
 
     # ------------------------------------------------------------------ training
 
@@ -240,19 +287,18 @@ class LitCGMGM(L.LightningModule):
     def _eval_step(self, batch: Mapping[str, Tensor], stage: str) -> dict[str, Tensor]:
         iou, gm = (self.val_iou, self.val_gm) if stage == "val" else (self.test_iou, self.test_gm)
         out = self(batch)
-        self.protocol.score(iou, out["logits"], batch)
-        self.protocol.score(gm, out["guidance"], batch)
+        score(iou, out["logits"], batch, self.protocol)
+        score(gm, out["guidance"], batch, self.protocol)  # GmIoU
         target = batch["query_mask"]  # [B, H, W]
-        logits = _resize(out["logits"], tuple(target.shape[-2:]))  # [B, 2, H, W]
+        logits = resize(out["logits"], target.shape[-2:])  # [B, 2, H, W]
         self.log(f"{stage}/loss", self.loss(logits, target), batch_size=target.shape[0])
         maps = {k: out[k].detach() for k in MAP_KEYS if k in out}
         return {"pred": logits.argmax(1), **maps}  # pred [B, H, W], maps [B, 1, h, w]
 
     def _log_epoch(self, stage: str) -> None:
         iou, gm = (self.val_iou, self.val_gm) if stage == "val" else (self.test_iou, self.test_gm)
-        results = flatten_results(iou.compute(), f"{stage}/", self.class_ids)
-        results[f"{stage}/GmIoU"] = float(gm.compute()["mIoU"])
-        self.log_dict(results)  # metrics are already reduced over processes by torchmetrics
+        # metrics are already reduced over processes by torchmetrics
+        self.log_dict(episode_results(iou, gm, f"{stage}/", self.class_ids))
         iou.reset()
         gm.reset()
 

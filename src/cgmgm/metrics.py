@@ -1,46 +1,147 @@
-"""Few-shot segmentation metrics (BAM protocol), exact under DDP.
+"""Scoring of few-shot segmentation episodes: the one home of evaluation.
 
-States are integer pixel counts reduced by sum, so splitting episodes across
-processes and summing equals one process seeing them all. Results are in percent.
+Metrics (BAM definitions, in percent). States are integer pixel counts reduced by sum, so
+splitting episodes across processes (DDP) or into batches of any size and summing equals one
+process seeing them all in one batch.
 
 - per-class IoU = sum of intersections / sum of unions over all episodes of the class;
 - mIoU = mean per-class IoU over the classes that appeared (had >= 1 episode);
 - FB-IoU = mean of the accumulated foreground IoU and background IoU;
-- GmIoU (paper Table 1) = mIoU of a guidance map binarised at 0.5 (:func:`binarize`),
-  i.e. a second :class:`FSSIoU` instance fed with the binarised map.
+- GmIoU (paper Table 1) = mIoU of the guidance map binarised at 0.5 (:func:`binarize`): a
+  second :class:`FSSIoU` that :func:`score` feeds exactly like the prediction
+  (:func:`episode_results` reports it next to the others).
 
-Pixels whose target is ``ignore_index`` (255) count nowhere. A union of 0 gives IoU 0
-(BAM's ``I / (U + 1e-10)``).
+Pixels whose target is ``IGNORE_INDEX`` (255) count nowhere. A union of 0 gives IoU 0 (BAM's
+``I / (U + 1e-10)``). The prediction is the argmax of 2-class logits (ties go to background) or
+a foreground probability > 0.5.
+
+Geometry. Outputs reach the label's size through the one resize,
+:func:`cgmgm.models.resize.resize` (bilinear, align_corners=True, as BAM). :func:`score` follows
+the protocol (:class:`cgmgm.data.protocols.Protocol`):
+
+- ``score_at_original`` (BAM/PFENet ``ori_resize``) and episodes carrying ``query_mask_orig`` /
+  ``query_orig_size``: scored against the original label. BAM test.py pastes the label
+  top-left into a 255-filled square of side max(H, W), upsamples the test-size logits to that
+  square and compares there; equivalently (:func:`restore_original`), upsample to the square
+  and keep its top-left H x W ("pad" test resize), or upsample to H x W directly ("squash").
+  BAM scores one episode per batch; here every item is restored at its own size, so any batch
+  size (and any mix of original sizes in a batch) gives the same counts.
+- otherwise against ``query_mask`` at test size (HSNet's 400 x 400; or episodes that were not
+  resized, whose ``query_mask`` is the original label).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
-__all__ = ["FSSIoU", "binarize", "classes_drawn", "flatten_results"]
+from cgmgm.constants import IGNORE_INDEX
+from cgmgm.models.resize import resize
+
+if TYPE_CHECKING:
+    from cgmgm.data.protocols import Protocol
+
+__all__ = [
+    "FSSIoU",
+    "binarize",
+    "classes_drawn",
+    "episode_results",
+    "flatten_results",
+    "original_size_prediction",
+    "restore_original",
+    "score",
+]
 
 
-def binarize(prob: Tensor, threshold: float = 0.5, size: tuple[int, int] | None = None) -> Tensor:
+# ---------------------------------------------------------------------- predictions
+
+
+def _as_maps(output: Tensor) -> Tensor:
+    """Logits [B, C, h, w] or probability [B, h, w] / [B, 1, h, w] -> float [B, C', h, w]."""
+    if output.dim() == 3:
+        output = output[:, None]
+    if output.dim() != 4:
+        raise ValueError(
+            f"expected [B, C, h, w] logits or a [B, h, w] map, got {tuple(output.shape)}"
+        )
+    return output.float()
+
+
+def _decide(maps: Tensor, threshold: float = 0.5) -> Tensor:
+    """[B, C, H, W] -> long [B, H, W]: argmax of logits (C >= 2, ties to background) or
+    probability > threshold (C = 1)."""
+    if maps.shape[1] == 1:
+        return (maps[:, 0] > threshold).long()
+    return maps.argmax(1)
+
+
+def binarize(prob: Tensor, threshold: float = 0.5, size: Sequence[int] | None = None) -> Tensor:
     """Foreground map ``prob > threshold`` as long {0, 1}.
 
-    prob: [B, h, w] or [B, 1, h, w]; if ``size`` = (H, W) differs from (h, w) the map is
-    first resized bilinearly (align_corners=False). Returns [B, H, W]. A value equal to the
-    threshold is background, matching argmax over (bg, fg) with ties going to bg.
+    prob: [B, h, w] or [B, 1, h, w]; with ``size`` = (H, W) the map is first brought to that
+    size by the one resize (bilinear, align_corners=True). Returns [B, H, W]. A value equal to
+    the threshold is background, matching argmax over (bg, fg) with ties going to bg.
     """
-    if prob.dim() == 4:
-        if prob.shape[1] != 1:
-            raise ValueError(f"expected [B, 1, h, w] or [B, h, w], got {tuple(prob.shape)}")
-        prob = prob[:, 0]
-    if prob.dim() != 3:
+    maps = _as_maps(prob)  # [B, C, h, w]
+    if maps.shape[1] != 1:
         raise ValueError(f"expected [B, 1, h, w] or [B, h, w], got {tuple(prob.shape)}")
-    if size is not None and tuple(prob.shape[-2:]) != tuple(size):
-        prob = F.interpolate(prob[:, None].float(), size=size, mode="bilinear")[:, 0]
-    return (prob > threshold).long()
+    return _decide(maps if size is None else resize(maps, size), threshold)
+
+
+def restore_original(
+    maps: Tensor, orig_size: Tensor, canvas: int | Sequence[int], mode: str = "pad"
+) -> Tensor:
+    """Bring test-size maps back to each query's original label geometry.
+
+    maps [B, C, h, w] (float); orig_size [B, 2] = (H, W) per item; returns float
+    [B, C, S, S'] (``canvas`` = S or (S, S')) with item i's [C, H, W] map in the top-left
+    corner and 0 elsewhere. ``mode`` is the test resize that made the maps: "pad"
+    (BAM/PFENet: longer side to the test size, padded square) upsamples to max(H, W) squared
+    and keeps the top-left H x W; "squash" (both sides to the test size) upsamples to H x W.
+    """
+    if mode not in ("pad", "squash"):
+        raise ValueError(f"mode must be 'pad' or 'squash', got {mode!r}")
+    sh, sw = (canvas, canvas) if isinstance(canvas, int) else (int(canvas[0]), int(canvas[1]))
+    b, c = maps.shape[:2]
+    out = maps.new_zeros((b, c, sh, sw), dtype=torch.float32)  # [B, C, S, S']
+    for i, (h, w) in enumerate(orig_size.tolist()):  # each item at its own original size
+        if h > sh or w > sw:
+            raise ValueError(f"original size {h}x{w} exceeds the canvas {sh}x{sw}")
+        side = (max(h, w),) * 2 if mode == "pad" else (h, w)
+        up = resize(maps[i : i + 1].float(), side)  # [1, C, *side]
+        out[i, :, :h, :w] = up[0, :, :h, :w]
+    return out
+
+
+def original_size_prediction(
+    output: Tensor, batch: Mapping[str, Tensor], mode: str = "pad", threshold: float = 0.5
+) -> tuple[Tensor, Tensor]:
+    """(prediction, target), both long [B, S, S], scored at original label size.
+
+    ``output``: logits [B, C, h, w] (argmax) or foreground probability [B, (1,) h, w]
+    (> threshold) at test size; ``batch`` holds ``query_mask_orig`` [B, S, S] (each label
+    top-left, 255 elsewhere) and ``query_orig_size`` [B, 2]; ``mode``: the test resize
+    (:func:`restore_original`). The prediction is 0 outside each H x W, where the target's 255
+    makes it count nowhere.
+    """
+    if "query_mask_orig" not in batch:
+        raise KeyError(
+            "scoring at original size needs query_mask_orig / query_orig_size in the batch: "
+            "build the episodes with original_size=S (EpisodeDataset / EpisodicDataModule)"
+        )
+    target = batch["query_mask_orig"]  # [B, S, S]
+    maps = restore_original(
+        _as_maps(output), batch["query_orig_size"], tuple(target.shape[-2:]), mode
+    )  # [B, C, S, S]
+    return _decide(maps, threshold).to(target.device), target
+
+
+# ---------------------------------------------------------------------- metric
 
 
 class FSSIoU(Metric):
@@ -66,7 +167,7 @@ class FSSIoU(Metric):
     fb_intersection: Tensor
     fb_union: Tensor
 
-    def __init__(self, num_classes: int, ignore_index: int = 255, **kwargs) -> None:
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX, **kwargs) -> None:
         super().__init__(**kwargs)
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -130,6 +231,27 @@ class FSSIoU(Metric):
         }
 
 
+# ---------------------------------------------------------------------- scoring
+
+
+def score(metric: FSSIoU, output: Tensor, batch: Mapping[str, Tensor], protocol: Protocol) -> None:
+    """Update ``metric`` with one batch as ``protocol`` scores it.
+
+    ``output``: 2-class logits [B, 2, h, w] (the prediction) or a foreground probability
+    [B, (1,) h, w] (the guidance map, binarised at 0.5: GmIoU). With
+    ``protocol.score_at_original`` and a batch carrying ``query_mask_orig`` /
+    ``query_orig_size`` (EpisodeDataset ``original_size``) it is scored against the
+    original-size label (:func:`original_size_prediction`, ``protocol.resize`` geometry);
+    otherwise resized to ``query_mask`` [B, H, W] and scored there.
+    """
+    if protocol.score_at_original and "query_mask_orig" in batch:
+        pred, target = original_size_prediction(output, batch, protocol.resize)
+    else:
+        target = batch["query_mask"]  # [B, H, W]
+        pred = _decide(resize(_as_maps(output), target.shape[-2:]))  # [B, H, W]
+    metric.update(pred, target, batch["class_idx"])
+
+
 def flatten_results(
     results: dict[str, Tensor],
     prefix: str = "",
@@ -150,6 +272,16 @@ def flatten_results(
         else:
             out[f"{prefix}{key}"] = float(value)
     return out
+
+
+def episode_results(
+    iou: FSSIoU, gm: FSSIoU, prefix: str = "", class_ids: Sequence[int] | None = None
+) -> dict[str, float]:
+    """Flat results of the prediction's metric ``iou`` (:func:`flatten_results`) plus
+    ``{prefix}GmIoU``, the mIoU of the guidance map's metric ``gm``; percent."""
+    results = flatten_results(iou.compute(), prefix, class_ids)
+    results[f"{prefix}GmIoU"] = float(gm.compute()["mIoU"])
+    return results
 
 
 def classes_drawn(

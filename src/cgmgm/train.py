@@ -36,6 +36,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from cgmgm.config import (
+    attach_feature_cache,
+    build_datamodule,
     check_protocol,
     config_dir,
     instantiate_callbacks,
@@ -144,7 +146,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # The frozen backbone stays in eval mode on purpose (LitCGMGM checks it every epoch).
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.dataset)
+    datamodule = build_datamodule(cfg)
     check_protocol(cfg, datamodule)
     info = run_info(cfg, to_plain(cfg.model), to_plain(cfg.backbone))
     if hasattr(datamodule, "class_record"):  # checkpoints carry the classes trained on, so
@@ -164,6 +166,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if resume is not None:
         _check_resume_fits(resume, module, cfg)
         del resume
+    cache = attach_feature_cache(cfg, module, datamodule, training=True)
     loggers = instantiate_loggers(cfg.get("logger"))
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
@@ -181,6 +184,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics.update(info)
         metrics.update(protocol_record(datamodule))
         metrics["test_ckpt"] = str(ckpt) if ckpt else "last"
+        metrics["feature_cache"] = {**cache, **module.feature_cache_stats()}
         if best is not None and best.best_model_score is not None:
             metrics["val/mIoU_best"] = float(best.best_model_score)
         metrics["wall_time_s"] = round(time.perf_counter() - start, 1)

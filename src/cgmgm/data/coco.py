@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cgmgm.constants import IGNORE_INDEX, MIN_PIXELS
 from cgmgm.data.datamodule import register_source
 from cgmgm.data.files import (
     DatasetError,
@@ -99,7 +100,7 @@ def render_coco_mask(
                 f"annotation {a['id']} of image {image_id} decodes to {m.shape}, not the "
                 f"image's {h}x{w}"
             )
-        fill = 255 if a.get("iscrowd", 0) and crowd == "ignore" else cls
+        fill = IGNORE_INDEX if a.get("iscrowd", 0) and crowd == "ignore" else cls
         mask[m] = fill
     return mask
 
@@ -137,7 +138,7 @@ class COCO2014(FileSource):
         crowd: str = "ignore",
         images: str = "annotated",
         list_file: str | Path | Mapping[str, str] | None = None,
-        min_pixels: int = 2 * 32 * 32,
+        min_pixels: int = MIN_PIXELS,
         stats_cache: str | Path | None = "auto",
     ) -> None:
         if crowd not in ("ignore", "class"):

@@ -20,6 +20,7 @@ from cgmgm.data.episodes import (
     EpisodeDataset,
     SegmentationSource,
     Transform,
+    cache_reason,
     source_novel_classes,
 )
 from cgmgm.data.protocols import Protocol, get_protocol
@@ -135,7 +136,12 @@ class EpisodicDataModule(L.LightningDataModule):
         seed: seed of train and val episodes (and of the train order).
         test_seed: seed of test episodes (None: the protocol's first seed, else ``seed``).
         batch_size, eval_batch_size: episodes per batch (eval defaults to batch_size).
-        num_workers, pin_memory: DataLoader options.
+        num_workers, pin_memory: DataLoader options; pin_memory "auto": pinned when the
+            trainer runs on a CUDA device.
+        cache: give episodes ``image_keys`` for the frozen-feature cache and keep their
+            transformed images in memory, where exact (:class:`EpisodeDataset` ``cache``);
+            :meth:`cache_record` says per split whether it is on and why not.
+        image_cache_mb: memory for transformed images, per split and DataLoader worker.
         train_episodes: episodes per epoch (None: one per training image, BAM's epoch).
         val_episodes: episodes per validation.
         test_episodes: episodes per test run (None: the protocol's count for this dataset,
@@ -147,7 +153,9 @@ class EpisodicDataModule(L.LightningDataModule):
         resample_train: new training episodes every epoch (see :class:`EpisodeSampler`).
         train_transform, eval_transform: per-image numpy transforms; "protocol" (default)
             for the protocol's (BAM augmentation / test-time resize; none without a
-            protocol), None for none (images at their own size, as the embedded benchmark).
+            protocol), None for none (images at their own size, as the embedded benchmark);
+            train_transform "test": the protocol's test resize, no augmentation (exact to
+            cache, so training runs on cached features).
         classes: val/test classes instead of the fold's novel classes: a list of class ids,
             "all" for every class of the evaluation source (e.g. FSS-1000, CamVid), or "auto":
             every class when ``training_free`` (a model that learned no class), else the
@@ -190,7 +198,9 @@ class EpisodicDataModule(L.LightningDataModule):
         filter_novel: bool | None = None,
         sampling: str | None = None,
         resample_train: bool = True,
-        pin_memory: bool = False,
+        pin_memory: bool | str = "auto",
+        cache: bool = True,
+        image_cache_mb: int = 512,
         train_transform: Transform | str | None = "protocol",
         eval_transform: Transform | str | None = "protocol",
         classes: Sequence[int] | str | None = None,
@@ -229,7 +239,10 @@ class EpisodicDataModule(L.LightningDataModule):
             sampling = p.sampling_for(name) if p is not None else "class"
         self.sampling = str(sampling)
         self.resample_train = bool(resample_train)
-        self.pin_memory = bool(pin_memory)
+        if pin_memory != "auto" and not isinstance(pin_memory, bool):
+            raise ValueError(f"pin_memory must be true, false or 'auto', got {pin_memory!r}")
+        self.pin_memory = pin_memory
+        self.cache, self.image_cache_mb = bool(cache), int(image_cache_mb)
         self.train_transform = self._transform(train_transform, "train", name)
         self.eval_transform = self._transform(eval_transform, "eval", name)
         self.eval_classes = _plain(classes)
@@ -255,16 +268,20 @@ class EpisodicDataModule(L.LightningDataModule):
         self.test_set: EpisodeDataset | None = None
 
     def _transform(self, spec: Any, stage: str, name: str) -> Transform | None:
-        """A transform argument: "protocol" -> the protocol's for this dataset, else as is."""
+        """A transform argument: "protocol" -> the protocol's for this dataset (training: its
+        augmentation); "test" -> the protocol's test resize (training without augmentation,
+        as HSNet trains, on cached features); else as is."""
         if not isinstance(spec, str):
             return spec
-        if spec != "protocol":
+        choices = ("protocol", "test") if stage == "train" else ("protocol",)
+        if spec not in choices:
+            options = ", ".join(repr(c) for c in choices)
             raise ValueError(
-                f"{stage}_transform must be 'protocol', None or a callable, got {spec!r}"
+                f"{stage}_transform must be {options}, None or a callable, got {spec!r}"
             )
         if self.protocol is None:
             return None
-        if stage == "train":
+        if stage == "train" and spec == "protocol":
             return self.protocol.train_transform(name, seed=self.seed)
         return self.protocol.eval_transform(name)
 
@@ -309,6 +326,8 @@ class EpisodicDataModule(L.LightningDataModule):
             sampling=self.sampling,
             classes=self._resolve_classes(spec, src),
             original_size=None if split == "train" else self._resolve_original_size(),
+            cache=self.cache,
+            image_cache_bytes=self.image_cache_mb * 2**20,
         )
 
     def _resolve_original_size(self) -> int | None:
@@ -342,6 +361,13 @@ class EpisodicDataModule(L.LightningDataModule):
             self.test_set = self._episodes(
                 "test", self.test_episodes, self.test_seed, self.eval_transform
             )
+
+    def set_test_seed(self, seed: int) -> None:
+        """Draw test episodes with episode seed ``seed`` from now on: the same images, classes
+        and memories of transformed images, other episodes (one test run per protocol seed)."""
+        self.test_seed = int(seed)
+        if self.test_set is not None:
+            self.test_set.seed = self.test_seed
 
     @property
     def classes(self) -> list[int]:
@@ -432,12 +458,29 @@ class EpisodicDataModule(L.LightningDataModule):
             return dist.get_world_size(), dist.get_rank()
         return 1, 0
 
+    def cache_record(self, training: bool = True) -> dict[str, str]:
+        """For training (with ``training``) and evaluation episodes: "on", or "off: <why>"
+        (the frozen-feature cache and the transformed-image memory, :class:`EpisodeDataset`
+        ``cache``)."""
+        out = {}
+        stages = [("train", self.train_split, self.train_transform)] if training else []
+        for name, split, transform in (*stages, ("eval", self.eval_split, self.eval_transform)):
+            why = cache_reason(self.source(split), transform, self.cache)
+            out[name] = "on" if why is None else f"off: {why}"
+        return out
+
+    def _pin(self) -> bool:
+        if self.pin_memory != "auto":
+            return bool(self.pin_memory)
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
     def _loader(self, ds: EpisodeDataset, batch_size: int, **kw: Any) -> DataLoader:
         return DataLoader(
             ds,
             batch_size=batch_size,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self._pin(),
             persistent_workers=self.num_workers > 0,
             **kw,
         )

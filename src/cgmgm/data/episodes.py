@@ -16,6 +16,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from cgmgm.constants import IGNORE_INDEX, MIN_PIXELS, PASCAL_AREA
+from cgmgm.features import ByteLRU
+
 __all__ = [
     "IGNORE_INDEX",
     "ClassIndexSource",
@@ -23,16 +26,13 @@ __all__ = [
     "SegmentationSource",
     "Transform",
     "base_classes",
+    "cache_reason",
     "novel_classes",
     "scaled_min_pixels",
     "source_novel_classes",
 ]
 
-IGNORE_INDEX = 255
 SAMPLING = ("class", "image", "pair")  # episode sampling modes, see EpisodeDataset
-# PASCAL-5i counts a class in an image with >= 2*32*32 pixels; a typical VOC image is 500x375.
-_PASCAL_MIN_PIXELS = 2 * 32 * 32
-_PASCAL_AREA = 500 * 375
 
 # (image [H, W, 3], mask [H, W]) -> (image, mask), or (image, mask, valid) where valid [H, W]
 # is nonzero on the pixels that come from the image (0 on padding the transform added).
@@ -61,7 +61,7 @@ class SegmentationSource(Protocol):
 
 def scaled_min_pixels(height: int, width: int) -> int:
     """PASCAL's 2*32*32-pixel rule scaled from a 500x375 image to an HxW image (>= 1)."""
-    return max(1, round(_PASCAL_MIN_PIXELS * height * width / _PASCAL_AREA))
+    return max(1, round(MIN_PIXELS * height * width / PASCAL_AREA))
 
 
 class ClassIndexSource:
@@ -185,7 +185,8 @@ def _to_tensors(image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torc
     """[H, W, 3] image (uint8, or float in [0, 1]) + [H, W] mask -> [3, H, W] float, [H, W]."""
     image = np.asarray(image)
     img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-    img = img.float().div_(255.0) if image.dtype == np.uint8 else img.float()
+    # a copy either way: the array may be held in the transformed-image memory
+    img = img.float().div_(255.0) if image.dtype == np.uint8 else img.to(torch.float32, copy=True)
     return img, torch.from_numpy(np.asarray(mask).astype(np.int64))
 
 
@@ -222,6 +223,14 @@ class EpisodeDataset(Dataset):
             image list and pick one of the image's labels; only the supports need the
             minimum count); "pair" draws an (image, class) pair
             uniformly (HSNet PASCAL, whose test list holds one entry per pair).
+        cache: give episodes ``image_keys`` for the frozen-feature cache
+            (:mod:`cgmgm.features`) and keep transformed images in memory
+            (``image_cache_bytes``), both only where that is exact: a deterministic
+            ``transform`` (None, or one naming itself with a ``cache_key``; the BAM augmentation
+            has none) and a source naming its images (``image_key(i)``). ``cache_reason``
+            says why not otherwise (None when on).
+        image_cache_bytes: memory budget of the transformed images kept (least recently used
+            out first; per DataLoader worker).
         original_size: if set to S, episodes also hold the query's binarised label *before*
             ``transform`` (for scoring at original size, BAM/PFENet ``ori_resize``):
             ``query_mask_orig`` [S, S] long, the [H, W] label in the top-left corner and 255
@@ -233,7 +242,9 @@ class EpisodeDataset(Dataset):
     ``support_masks`` [K, H, W] long;
     ``class_id`` int (original 1-based class); ``class_idx`` int (position in
     ``self.classes``); ``index`` int; ``query_source_idx`` int; ``support_source_idx``
-    long [K]; with ``original_size``, ``query_mask_orig`` [S, S] and ``query_orig_size`` [2].
+    long [K]; with ``original_size``, ``query_mask_orig`` [S, S] and ``query_orig_size`` [2];
+    with the cache on, ``image_keys``: [query key, support keys...] (:meth:`image_key`; a
+    DataLoader batch holds them as K + 1 tuples of B keys).
     """
 
     def __init__(
@@ -252,6 +263,8 @@ class EpisodeDataset(Dataset):
         filter_novel: bool = True,
         sampling: str = "class",
         original_size: int | None = None,
+        cache: bool = True,
+        image_cache_bytes: int = 512 * 2**20,
     ) -> None:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -267,6 +280,9 @@ class EpisodeDataset(Dataset):
             raise ValueError(f"sampling must be one of {SAMPLING}, got {sampling!r}")
         self.sampling = sampling
         self.original_size = None if original_size is None else int(original_size)
+        self.cache_reason = cache_reason(source, transform, cache)
+        self._transform_key = getattr(transform, "cache_key", "identity")
+        self._image_cache = ByteLRU(int(image_cache_bytes) if self.cache_reason is None else 0)
         n_cls = int(source.num_classes)
         self.novel = source_novel_classes(source, self.fold, num_folds, fold_scheme)
         if classes is not None:
@@ -386,16 +402,36 @@ class EpisodeDataset(Dataset):
         support = rng.choice(others, size=self.shot, replace=False)
         return cls, query, [int(s) for s in support]
 
+    @property
+    def cache(self) -> bool:
+        """Whether episodes carry ``image_keys`` (see ``cache`` in the class docstring)."""
+        return self.cache_reason is None
+
+    def image_key(self, i: int) -> str:
+        """The identity of image i as episodes see it: the transform and the source image."""
+        return f"{self._transform_key}|{self.source.image_key(int(i))}"
+
+    def _transformed(self, i: int) -> tuple[np.ndarray, np.ndarray, Any, np.ndarray]:
+        """(image, mask, valid or None) after the transform, and the original mask; kept in
+        memory when the transform is deterministic."""
+        item = self._image_cache.get(i)
+        if item is None:
+            image, mask = self.source.load(i)
+            original = np.asarray(mask)
+            valid = None
+            if self.transform is not None:
+                image, mask, *rest = self.transform(image, mask)
+                valid = rest[0] if rest else None
+            item = (np.asarray(image), np.asarray(mask), valid, original)
+            self._image_cache.put(i, item, sum(np.asarray(a).nbytes for a in item if a is not None))
+        return item
+
     def _load(
         self, i: int, cls: int, keep_original: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray | None]:
         """(image [3, H, W], binary mask [H, W], valid [H, W] float, original label or None)."""
-        image, mask = self.source.load(i)
-        original = np.asarray(mask) if keep_original else None
-        valid = None
-        if self.transform is not None:
-            image, mask, *rest = self.transform(image, mask)
-            valid = rest[0] if rest else None
+        image, mask, valid, original = self._transformed(i)
+        original = original if keep_original else None
         img, m = _to_tensors(image, mask)
         if valid is None:
             v = torch.ones(m.shape, dtype=torch.float32)
@@ -427,6 +463,8 @@ class EpisodeDataset(Dataset):
         q_img, q_mask, q_valid, q_orig = self._load(query, cls, keep_original=keep)
         s = [self._load(i, cls) for i in support]
         extra = self._original_label(q_orig, cls, query) if keep else {}
+        if self.cache:
+            extra["image_keys"] = [self.image_key(i) for i in (query, *support)]
         return {
             "query_img": q_img,  # [3, H, W]
             "query_mask": q_mask,  # [H, W]
@@ -440,6 +478,20 @@ class EpisodeDataset(Dataset):
             "support_source_idx": torch.as_tensor(support, dtype=torch.long),  # [K]
             **extra,
         }
+
+
+def cache_reason(source: Any, transform: Any, cache: bool) -> str | None:
+    """Why episodes of ``source`` under ``transform`` cannot be cached (None: they can)."""
+    if not cache:
+        return "turned off"
+    if transform is not None and not hasattr(transform, "cache_key"):
+        return (
+            f"the transform {type(transform).__name__} is random (augmentation on) or names "
+            "no cache_key"
+        )
+    if not callable(getattr(source, "image_key", None)):
+        return f"{type(source).__name__} names no image_key for its images"
+    return None
 
 
 def _binarize(m: torch.Tensor, cls: int) -> torch.Tensor:

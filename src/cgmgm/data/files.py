@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cgmgm.data.episodes import IGNORE_INDEX, ClassIndexSource
+from cgmgm.constants import IGNORE_INDEX
+from cgmgm.data.episodes import ClassIndexSource
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -499,6 +500,14 @@ class FileSource(ClassIndexSource):
         if self._image_hw is not None:
             return list(self._image_hw)
         return [read_header(p)[:2] for p in self.image_paths]
+
+    def image_key(self, i: int) -> str:
+        """What entry i's pixels depend on: its image file's absolute path, size and
+        modification time (keys the frozen-feature cache, :mod:`cgmgm.features`: an edited or
+        replaced file is a new key)."""
+        path = self.image_paths[self._check_index(i)]
+        st = path.stat()
+        return f"file:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
     def _mask_name(self, i: int) -> str:
         return str(self.mask_paths[i]) if self.mask_paths is not None else f"mask of {self.keys[i]}"

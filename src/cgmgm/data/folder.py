@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from cgmgm.constants import IGNORE_INDEX
 from cgmgm.data.datamodule import register_source
-from cgmgm.data.episodes import IGNORE_INDEX
 from cgmgm.data.files import (
     IMAGE_EXTENSIONS,
     DatasetError,

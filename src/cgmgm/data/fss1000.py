@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cgmgm.constants import IGNORE_INDEX
 from cgmgm.data.datamodule import register_source
 from cgmgm.data.files import (
     IMAGE_EXTENSIONS,
@@ -207,7 +208,7 @@ class FSS1000(FileSource):
                 stacklevel=2,
             )
         self.num_classes = len(names)
-        if self.num_classes > 254:  # masks are uint8 with 255 = ignore
+        if self.num_classes >= IGNORE_INDEX:  # masks are uint8 with 255 = ignore
             raise DatasetError(
                 f"{root}: {self.num_classes} class folders, but class-index masks hold at most "
                 "254 classes (uint8, 255 = ignore); select a subset with "

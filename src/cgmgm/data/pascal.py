@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cgmgm.constants import MIN_PIXELS
 from cgmgm.data.datamodule import register_source
 from cgmgm.data.files import (
     FileSource,
@@ -54,7 +55,6 @@ VOC_CLASSES: tuple[str, ...] = (
     "train",
     "tvmonitor",
 )
-PASCAL_MIN_PIXELS = 2 * 32 * 32
 
 
 def voc_palette() -> list[int]:
@@ -104,7 +104,7 @@ class PascalVOC(FileSource):
         list_file: str | Path | Mapping[str, str] | None = None,
         image_dir: str = "JPEGImages",
         mask_dir: str = "SegmentationClassAug",
-        min_pixels: int = PASCAL_MIN_PIXELS,
+        min_pixels: int = MIN_PIXELS,
         stats_cache: str | Path | None = "auto",
     ) -> None:
         root = require_root(root, self.dataset_name)

@@ -39,7 +39,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cgmgm.data.episodes import IGNORE_INDEX, novel_classes
+from cgmgm.constants import IGNORE_INDEX, MIN_PIXELS
+from cgmgm.data.episodes import novel_classes
 
 __all__ = ["build_fold_lists", "check_dataset", "main", "prepare_coco", "prepare_pascal"]
 
@@ -61,7 +62,6 @@ PUBLISHED = {
     ("coco", "train"): 82081,
     ("coco", "val"): 40137,
 }
-MIN_PIXELS = 2 * 32 * 32
 
 
 def _say(msg: str = "") -> None:

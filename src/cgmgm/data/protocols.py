@@ -29,10 +29,8 @@ pfenet    none         5000 PASCAL / 20000 COCO x 1,   longer side 473 / 641,   
   400x400 (nearest) unless ``--use_original_imgsize``; training images come from the other
   folds' lists, no novel-image filter.
 
-Scoring at original size (BAM/PFENet ``ori_resize``): the label is pasted top-left into a
-255-filled square of side max(H, W), the prediction logits are upsampled bilinearly
-(align_corners=True) to that square and compared there; equivalently, upsample to the square,
-crop the top-left H x W and compare with the label (:func:`restore_original`).
+The "scored at" column is applied by :func:`cgmgm.metrics.score`, whose module describes the
+geometry of BAM's ``ori_resize``.
 """
 
 from __future__ import annotations
@@ -42,11 +40,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import Tensor
 
-from cgmgm.data.episodes import IGNORE_INDEX, Transform
+from cgmgm.data.episodes import Transform
 from cgmgm.data.transforms import PadResize, SquashResize, bam_train_transform
 
 __all__ = [
@@ -55,8 +50,6 @@ __all__ = [
     "Protocol",
     "bam_seeds",
     "get_protocol",
-    "original_size_prediction",
-    "restore_original",
 ]
 
 
@@ -82,7 +75,7 @@ class Protocol:
             "squash" (both sides to ``test_size``).
         test_size: test (and training crop) size, by dataset.
         score_at_original: score the prediction against the original-size label (True) or
-            against the resized label (HSNet default).
+            against the resized label (HSNet default); see :func:`cgmgm.metrics.score`.
         train_augment: BAM/PFENet augmentation for training (False: HSNet's plain squash).
         sampling: how test episodes pick class and query, by dataset (see
             :class:`~cgmgm.data.episodes.EpisodeDataset`): "image" (BAM/PFENet walk their
@@ -140,23 +133,6 @@ class Protocol:
             "test_size": dict(self.test_size),
             "score_at_original": self.score_at_original,
         }
-
-    def score(self, metric: Any, output: Tensor, batch: Mapping[str, Tensor]) -> None:
-        """Update ``metric`` (a :class:`~cgmgm.metrics.FSSIoU`) with one batch.
-
-        ``output``: 2-class logits [B, 2, h, w] or a foreground probability [B, (1,) h, w].
-        With ``score_at_original`` and a batch carrying ``query_mask_orig`` /
-        ``query_orig_size`` (EpisodeDataset ``original_size``), the prediction is scored
-        against the original-size label; otherwise the output is upsampled (bilinear,
-        align_corners=True) to ``query_mask`` and scored there (HSNet, or images that were
-        not resized, where ``query_mask`` is the original label).
-        """
-        if self.score_at_original and "query_mask_orig" in batch:
-            pred, target = original_size_prediction(output, batch, self.resize)
-        else:
-            target = batch["query_mask"]
-            pred = _decide(_upsample(_as_maps(output), tuple(target.shape[-2:])))
-        metric.update(pred, target, batch["class_idx"])
 
 
 _BAM_REFS = (
@@ -224,81 +200,3 @@ def get_protocol(name: str | Protocol) -> Protocol:
     if name not in PROTOCOLS:
         raise ValueError(f"unknown protocol {name!r}; choose one of {sorted(PROTOCOLS)}")
     return PROTOCOLS[name]
-
-
-# ---------------------------------------------------------------------- scoring helpers
-
-
-def _as_maps(output: Tensor) -> Tensor:
-    """Logits [B, C, h, w] or probability [B, h, w] / [B, 1, h, w] -> float [B, C', h, w]."""
-    if output.dim() == 3:
-        output = output[:, None]
-    if output.dim() != 4:
-        raise ValueError(f"expected [B, C, h, w] logits or a [B, h, w] map, got {output.shape}")
-    return output.float()
-
-
-def _decide(maps: Tensor, threshold: float = 0.5) -> Tensor:
-    """[B, C, H, W] -> long [B, H, W]: argmax of logits (C >= 2) or probability > threshold."""
-    if maps.shape[1] == 1:
-        return (maps[:, 0] > threshold).long()
-    return maps.argmax(1)
-
-
-def _upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
-    if tuple(maps.shape[-2:]) == tuple(size):
-        return maps
-    return F.interpolate(maps, size=size, mode="bilinear", align_corners=True)
-
-
-def restore_original(
-    maps: Tensor, orig_size: Tensor, canvas: int | tuple[int, int], resize: str = "pad"
-) -> Tensor:
-    """Bring test-size maps back to each query's original label geometry.
-
-    maps [B, C, h, w] (float); orig_size [B, 2] = (H, W) per item; returns [B, C, S, S']
-    (``canvas`` = S or (S, S')) with item i's [C, H, W] map in the top-left corner, 0 elsewhere.
-    ``resize="pad"`` (BAM/PFENet): upsample to max(H, W) squared (bilinear,
-    align_corners=True) and crop the top-left H x W; "squash": upsample to H x W directly.
-    """
-    sh, sw = (canvas, canvas) if isinstance(canvas, int) else canvas
-    b, c = maps.shape[:2]
-    out = maps.new_zeros((b, c, sh, sw), dtype=torch.float32)
-    for i, (h, w) in enumerate(orig_size.tolist()):
-        if h > sh or w > sw:
-            raise ValueError(f"original size {h}x{w} exceeds the canvas {sh}x{sw}")
-        item = maps[i : i + 1].float()
-        if resize == "pad":
-            side = max(h, w)
-            up = F.interpolate(item, size=(side, side), mode="bilinear", align_corners=True)
-            out[i, :, :h, :w] = up[0, :, :h, :w]
-        elif resize == "squash":
-            up = F.interpolate(item, size=(h, w), mode="bilinear", align_corners=True)
-            out[i, :, :h, :w] = up[0]
-        else:
-            raise ValueError(f"resize must be 'pad' or 'squash', got {resize!r}")
-    return out
-
-
-def original_size_prediction(
-    output: Tensor, batch: Mapping[str, Tensor], resize: str = "pad", threshold: float = 0.5
-) -> tuple[Tensor, Tensor]:
-    """(prediction, target), both long [B, S, S], scored at original label size.
-
-    ``output``: logits [B, C, h, w] (argmax) or foreground probability [B, (1,) h, w]
-    (> threshold) at test size; ``batch`` holds ``query_mask_orig`` [B, S, S] (255 outside
-    each label) and ``query_orig_size`` [B, 2]. Pixels outside each H x W are 255 in the
-    target, so they count nowhere.
-    """
-    if "query_mask_orig" not in batch:
-        raise KeyError(
-            "scoring at original size needs query_mask_orig / query_orig_size in the batch: "
-            "build the episodes with original_size=S (EpisodeDataset / EpisodicDataModule)"
-        )
-    target = batch["query_mask_orig"]
-    maps = restore_original(
-        _as_maps(output), batch["query_orig_size"], tuple(target.shape[-2:]), resize
-    )
-    pred = _decide(maps, threshold)
-    pred = torch.where(target == IGNORE_INDEX, torch.zeros_like(pred), pred)
-    return pred.to(target.device), target

@@ -42,12 +42,15 @@ shape. Generating 1000 images at 96x96 takes about a second.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from cgmgm.constants import IGNORE_INDEX
 from cgmgm.data.episodes import ClassIndexSource
 
 __all__ = [
@@ -121,6 +124,8 @@ CLASS_SPECS: tuple[ClassSpec, ...] = (
 CLASS_NAMES: tuple[str, ...] = ("background",) + tuple(s.name for s in CLASS_SPECS)
 
 _SPLIT_KEY = {"train": 0, "val": 1, "test": 2}
+# the generators' code: a changed generator never serves cached features of the old one
+_GENERATOR_ID = hashlib.sha1(Path(__file__).read_bytes()).hexdigest()[:16]
 _DEFAULT_NUM_IMAGES = {"train": 1000, "val": 300, "test": 300}
 _SQRT3 = math.sqrt(3.0)
 
@@ -238,6 +243,15 @@ class _ProceduralSource(ClassIndexSource):
 
     def render(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
+
+    def image_key(self, i: int) -> str:
+        """What image i's pixels depend on: the generator (this file's contents), its
+        parameters and i (keys the frozen-feature cache, :mod:`cgmgm.features`)."""
+        h, w = self.image_size
+        return (
+            f"{type(self).__name__}@{_GENERATOR_ID}:{self.split}:seed={self.seed}:{h}x{w}:"
+            f"border={self.border}:objects={self.max_objects}:{self._check_index(i)}"
+        )
 
 
 class SyntheticShapes(_ProceduralSource):
@@ -1241,5 +1255,5 @@ def _ignore_band(label: np.ndarray, border: int) -> np.ndarray:
             band | grown[:-2, 1:-1] | grown[2:, 1:-1] | grown[1:-1, :-2] | grown[1:-1, 2:]
         )
     out = label.copy()
-    out[band] = 255
+    out[band] = IGNORE_INDEX
     return out

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import torch
 
-from cgmgm.data.episodes import IGNORE_INDEX
+from cgmgm.constants import IGNORE_INDEX
 
 __all__ = [
     "IMAGENET_MEAN_255",
@@ -174,6 +174,11 @@ class PadResize:
         self.size, self.round_to = int(size), int(round_to)
         self.image_fill, self.ignore_index = int(image_fill), int(ignore_index)
 
+    @property
+    def cache_key(self) -> str:
+        """Names this deterministic transform (keys the frozen-feature cache)."""
+        return f"PadResize(size={self.size},round_to={self.round_to},fill={self.image_fill})"
+
     def content_size(self, h: int, w: int) -> tuple[int, int]:
         """(h', w') of the resized content inside the square."""
         return _bam_new_hw(h, w, self.size, self.round_to)
@@ -200,6 +205,11 @@ class SquashResize:
 
     def __init__(self, size: int = 400) -> None:
         self.size = int(size)
+
+    @property
+    def cache_key(self) -> str:
+        """Names this deterministic transform (keys the frozen-feature cache)."""
+        return f"SquashResize(size={self.size})"
 
     def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         s = self.size

@@ -101,15 +101,26 @@ class Backbone(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = (images - self.mean) / self.std  # [B, 3, H, W]
-        mid_a, mid_b, high = self.body(x)  # [B, Ca, h, w], [B, Cb, h', w'], [B, Ch, h'', w'']
+        """images [B, 3, H, W] -> (mid [B, mid_channels, h, w], high [B, high_channels, h, w]).
+
+        One image at a time: convolution libraries choose their algorithm by batch size, so a
+        batched call can change an image's features in the last bits (seen on CPU below
+        128 px). Image by image, an image's features never depend on its batch, which is what
+        lets the feature cache (:mod:`cgmgm.features`) serve them exactly.
+        """
+        outs = [self._one(images[i : i + 1]) for i in range(images.shape[0])]
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+    def _one(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = (images - self.mean) / self.std  # [1, 3, H, W]
+        mid_a, mid_b, high = self.body(x)  # [1, Ca, h, w], [1, Cb, h', w'], [1, Ch, h'', w'']
         size = mid_a.shape[-2:]  # (ceil(H/8), ceil(W/8))
         if mid_b.shape[-2:] != size:
             mid_b = F.interpolate(mid_b, size=size, mode="bilinear", align_corners=False)
         if high.shape[-2:] != size:
             high = F.interpolate(high, size=size, mode="bilinear", align_corners=False)
-        mid = torch.cat([mid_a, mid_b], dim=1)  # [B, mid_channels, h, w]
-        return mid, high  # [B, mid_channels, h, w], [B, high_channels, h, w]
+        mid = torch.cat([mid_a, mid_b], dim=1)  # [1, mid_channels, h, w]
+        return mid, high  # [1, mid_channels, h, w], [1, high_channels, h, w]
 
 
 class _VGG16Body(nn.Module):

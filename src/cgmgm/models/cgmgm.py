@@ -32,9 +32,9 @@ from cgmgm.models.decoder import Decoder
 from cgmgm.models.gmm import CDGMG
 from cgmgm.models.imgr import IMGR
 from cgmgm.models.qcpe import QCPE
+from cgmgm.models.resize import resize
 
 GUIDANCES = ("gmm", "cosine")
-IGNORE = 255
 
 
 def mask_fractions(masks: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
@@ -131,15 +131,37 @@ class CGMGM(nn.Module):
                 f"support_masks must be [B, K, H, W]={(b, k, *support_imgs.shape[-2:])}, "
                 f"got {tuple(support_masks.shape)}"
             )
-        mid_q, high_q = self.backbone(query_img)  # [B, Cm, h, w], [B, Ch, h, w]
-        mid_s, high_s = self.backbone(support_imgs.flatten(0, 1))  # [B*K, C, h, w]
+        query = self.backbone(query_img)  # ([B, Cm, h, w], [B, Ch, h, w])
+        support = self.backbone(support_imgs.flatten(0, 1))  # ([B*K, Cm, h, w], [B*K, Ch, h, w])
+        size = tuple(query_img.shape[-2:])
+        return self.from_features(query, support, support_masks, query_valid, size)
+
+    def from_features(
+        self,
+        query: tuple[Tensor, Tensor],
+        support: tuple[Tensor, Tensor],
+        support_masks: Tensor,
+        query_valid: Tensor | None,
+        size: tuple[int, int],
+    ) -> dict:
+        """:meth:`forward` after the frozen backbone: ``query`` = (mid [B, Cm, h, w], high
+        [B, Ch, h, w]) and ``support`` = (mid [B*K, Cm, h, w], high [B*K, Ch, h, w]), the
+        backbone's outputs (e.g. from a feature cache); ``support_masks`` [B, K, H, W] and
+        ``query_valid`` [B, H, W] or None at the input size; ``size`` = (H, W) of the query image,
+        the size of ``logits``."""
+        (mid_q, high_q), (mid_s, high_s) = query, support
+        b, k = support_masks.shape[:2]
+        if mid_s.shape[0] != b * k:
+            raise ValueError(
+                f"{mid_s.shape[0]} support feature maps for B x K = {b} x {k} support masks"
+            )
         if self.proj is not None:
             mid_q, mid_s = self.proj(mid_q), self.proj(mid_s)  # [*, 256, h, w]
-        size = mid_q.shape[-2:]
+        cells = mid_q.shape[-2:]  # (h, w)
         mid_s = mid_s.unflatten(0, (b, k))  # [B, K, D, h, w]
         high_s = high_s.unflatten(0, (b, k))  # [B, K, Ch, h, w]
-        fg, bg = mask_fractions(support_masks, size)  # [B, K, h, w] each
-        valid = None if query_valid is None else valid_cells(query_valid, size)  # [B, 1, h, w]
+        fg, bg = mask_fractions(support_masks, cells)  # [B, K, h, w] each
+        valid = None if query_valid is None else valid_cells(query_valid, cells)  # [B, 1, h, w]
 
         out = self.imgr(high_q, high_s, fg, valid)
         if self.guidance == "gmm":
@@ -151,19 +173,15 @@ class CGMGM(nn.Module):
             out["guidance"] = out["cosine_prior"]
 
         if self.training_free:
-            # upsampled as the protocols score guidance maps (BAM's align_corners=True): scored
-            # at the input size, the prediction is the posterior map binarised at 0.5 (its mIoU
-            # equals its GmIoU); at original size the two are close, not equal
-            p = F.interpolate(
-                out["posterior"], size=query_img.shape[-2:], mode="bilinear", align_corners=True
-            )
+            # upsampled by the one resize that also scores guidance maps: scored at the input
+            # size, the prediction is the posterior map binarised at 0.5 (its mIoU equals its
+            # GmIoU); at original size the two are close, not equal
+            p = resize(out["posterior"], size)  # [B, 1, H, W]
             out["logits"] = torch.cat([1 - p, p], 1).clamp_min(1e-6).log()
         else:
             prototype = masked_average(mid_s, fg, self.kshot)  # [B, D]
             logits = self.decoder(mid_q, prototype, out["guidance"])
-            out["logits"] = F.interpolate(
-                logits, size=query_img.shape[-2:], mode="bilinear", align_corners=False
-            )
+            out["logits"] = resize(logits, size)  # [B, 2, H, W]
         return out
 
     def trainable_parameters(self) -> list[nn.Parameter]:
