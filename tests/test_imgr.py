@@ -222,3 +222,25 @@ def test_padding_enters_neither_branch():
         assert (a[..., 5:] == 0).all() and (b[..., 5:] == 0).all()
     # without query_valid the padding moves both
     assert not torch.allclose(local_prior(q, s, m)[..., :5], local_prior(q2, s, m)[..., :5])
+
+
+@pytest.mark.parametrize("kshot", ["mean", "pool"])
+def test_imgr_on_inside_columns_equals_the_whole_map(kshot):
+    # IMGR computes the global branch and the cycle on the query's inside pixels only (items
+    # of different padding in one batch); the whole-map functions give the same maps
+    g = torch.Generator().manual_seed(5)
+    b, k, c, h, w = 3, 2, 16, 9, 11
+    query, support = torch.randn(b, c, h, w, generator=g), torch.randn(b, k, c, h, w, generator=g)
+    mask = (torch.rand(b, k, h, w, generator=g) > 0.6).float()
+    valid = torch.ones(b, 1, h, w)
+    valid[0, :, :, 7:] = 0  # padding on the right
+    valid[1, :, 6:] = 0  # padding below
+    imgr = IMGR(img=True, imr=True, threshold=0.5, kshot=kshot)
+    out = imgr(query, support, mask, valid)
+    s_g = cosine_prior(query, support, mask, valid, kshot)
+    torch.testing.assert_close(out["cosine_prior"], s_g, rtol=0, atol=1e-6)
+    s_l = local_prior(query, support, mask, 2, valid, kshot)
+    coarse = (((out["cosine_prior"] + s_l) / 2 >= 0.5) & (valid > 0)).float()
+    assert torch.equal(out["coarse_mask"], coarse)
+    assert torch.equal(out["initial_mask"], cycle_consistent(query, support, coarse, valid))
+    assert out["initial_mask"].sum() > 0 and (out["cosine_prior"] * (1 - valid)).abs().sum() == 0

@@ -291,9 +291,11 @@ class LitCGMGM(L.LightningModule):
         score(gm, out["guidance"], batch, self.protocol)  # GmIoU
         target = batch["query_mask"]  # [B, H, W]
         logits = resize(out["logits"], target.shape[-2:])  # [B, 2, H, W]
-        self.log(f"{stage}/loss", self.loss(logits, target), batch_size=target.shape[0])
+        if stage == "val" and not self.training_free:  # monitored in training; a test has none
+            self.log("val/loss", self.loss(logits, target), batch_size=target.shape[0])
         maps = {k: out[k].detach() for k in MAP_KEYS if k in out}
-        return {"pred": logits.argmax(1), **maps}  # pred [B, H, W], maps [B, 1, h, w]
+        pred = (logits[:, 1] > logits[:, 0]).long()  # argmax(1), ties to background
+        return {"pred": pred, **maps}  # pred [B, H, W], maps [B, 1, h, w]
 
     def _log_epoch(self, stage: str) -> None:
         iou, gm = (self.val_iou, self.val_gm) if stage == "val" else (self.test_iou, self.test_gm)

@@ -77,6 +77,8 @@ def _decide(maps: Tensor, threshold: float = 0.5) -> Tensor:
     probability > threshold (C = 1)."""
     if maps.shape[1] == 1:
         return (maps[:, 0] > threshold).long()
+    if maps.shape[1] == 2:  # argmax(1) of two channels, in one pass (ties: background)
+        return (maps[:, 1] > maps[:, 0]).long()
     return maps.argmax(1)
 
 

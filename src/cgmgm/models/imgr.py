@@ -73,18 +73,22 @@ def cosine_prior(
     support_mask: Tensor,
     query_valid: Tensor | None = None,
     kshot: str = "mean",
+    sim: Tensor | None = None,
 ) -> Tensor:
     """Eq. 2: the global similarity S_G, max over masked support pixels, min-max normalised.
 
     query [B, C, H, W]; support [B, K, C, H', W']; support_mask [B, K, H', W'] in [0, 1];
     query_valid [B, 1, H, W] (> 0 inside the image) or None -> [B, 1, H, W] in [0, 1].
+    ``sim``: their :func:`cosine_matrix` [B, K*H'*W', H*W] when already computed (IMGR shares
+    it with the cycle check).
     """
     if kshot not in KSHOT:
         raise ValueError(f"kshot must be one of {KSHOT}, got {kshot!r}")
     b, c, h, w = query.shape
     k = support.shape[1]
-    sup = support.transpose(1, 2).flatten(2)  # [B, C, K*H'*W']
-    sim = cosine_matrix(query.flatten(2), sup).view(b, k, -1, h * w)  # [B, K, Ns, Nq]
+    if sim is None:
+        sim = cosine_matrix(query.flatten(2), support.transpose(1, 2).flatten(2))
+    sim = sim.view(b, k, -1, h * w)  # [B, K, Ns, Nq]
     inside = (support_mask.flatten(2) > 0)[..., None]  # [B, K, Ns, 1]
     sim = sim.masked_fill(~inside, float("-inf"))
     best = sim.amax((1, 2))[:, None] if kshot == "pool" else sim.amax(2)  # [B, K', Nq]
@@ -129,17 +133,22 @@ def local_prior(
 
 
 def cycle_consistent(
-    query: Tensor, support: Tensor, coarse: Tensor, query_valid: Tensor | None = None
+    query: Tensor,
+    support: Tensor,
+    coarse: Tensor,
+    query_valid: Tensor | None = None,
+    sim: Tensor | None = None,
 ) -> Tensor:
     """Eq. 5-7: keep coarse foreground pixels whose cycle q -> s -> q lands in the foreground.
 
     query [B, C, H, W]; support [B, K, C, H', W']; coarse M_q^0 [B, 1, H, W] in {0, 1};
     query_valid [B, 1, H, W] or None (the return step searches valid pixels only)
-    -> M_q [B, 1, H, W] in {0, 1}.
+    -> M_q [B, 1, H, W] in {0, 1}. ``sim``: as :func:`cosine_prior`.
     """
     b, _, h, w = query.shape
-    sup = support.transpose(1, 2).flatten(2)  # [B, C, K*H'*W']
-    a = cosine_matrix(query.flatten(2), sup)  # A, [B, Ns, Nq]
+    if sim is None:
+        sim = cosine_matrix(query.flatten(2), support.transpose(1, 2).flatten(2))
+    a = sim  # A, [B, Ns, Nq]
     i_star = a.argmax(1)  # [B, Nq]: best support pixel of each query pixel j (Eq. 6)
     valid = _valid_flat(query_valid)  # [B, 1, Nq] or None
     back_a = a if valid is None else a.masked_fill(~valid, float("-inf"))
@@ -148,6 +157,40 @@ def cycle_consistent(
     m0 = coarse.flatten(1)  # [B, Nq]
     back = m0.gather(1, j_star)  # M_q^0(j*)
     return (m0 * back).view(b, 1, h, w)  # Eq. 7
+
+
+def _inside_columns(query: Tensor, query_valid: Tensor | None):
+    """The query's pixels inside the image, as columns: (query [B, C, 1, n], valid
+    [B, 1, 1, n] or None, columns [B, n] or None), n = the most inside pixels of an item; an
+    item with fewer has columns marked invalid at the end. Without ``query_valid``: the whole
+    map as it is (columns None)."""
+    b, c, h, w = query.shape
+    if query_valid is None:
+        return query.flatten(2)[:, :, None], None, None
+    inside = query_valid.flatten(1) > 0  # [B, H*W]
+    counts = inside.sum(1)  # [B]
+    n = max(int(counts.max()), 1)
+    cols = torch.argsort((~inside).to(torch.uint8), dim=1, stable=True)[:, :n]  # inside first
+    q = query.flatten(2).gather(2, cols[:, None].expand(b, c, n))  # [B, C, n]
+    valid = torch.arange(n, device=query.device)[None] < counts[:, None]  # [B, n]
+    return q[:, :, None], valid[:, None, None].to(query.dtype), cols
+
+
+def _take(x: Tensor, cols: Tensor | None, valid: Tensor | None) -> Tensor:
+    """Map [B, 1, H, W] -> its ``cols`` [B, 1, 1, n] (0 on invalid columns)."""
+    if cols is None:
+        return x.flatten(2)[:, :, None]
+    return x.flatten(1).gather(1, cols)[:, None, None] * valid
+
+
+def _place(x: Tensor, cols: Tensor | None, like: Tensor) -> Tensor:
+    """Columns [B, 1, 1, n] back to a map [B, 1, H, W] shaped as ``like`` (0 elsewhere)."""
+    b, _, h, w = like.shape
+    if cols is None:
+        return x.reshape(b, 1, h, w)
+    out = x.new_zeros(b, h * w)
+    out.scatter_(1, cols, x.reshape(b, -1))  # invalid columns hold 0 (min-max / cycle)
+    return out.view(b, 1, h, w)
 
 
 class IMGR(nn.Module):
@@ -186,7 +229,13 @@ class IMGR(nn.Module):
         Returns cosine_prior S_G, coarse M_q^0 and initial_mask M_q, each [B, 1, H, W];
         with img=False the masks are all zero.
         """
-        s_g = cosine_prior(query, support, support_mask, query_valid, self.kshot)
+        # The global branch and the cycle see the query's pixels inside the image only
+        # (padding enters neither): on those columns, as a [B, C, 1, n] map; A (the "MatMul"
+        # of Eq. 2 and 5) is computed once for both, [B, K*H*W, n]
+        q_in, v_in, cols = _inside_columns(query, query_valid)
+        sim = cosine_matrix(q_in.flatten(2), support.transpose(1, 2).flatten(2))
+        s_g_in = cosine_prior(q_in, support, support_mask, v_in, self.kshot, sim)  # [B,1,1,n]
+        s_g = _place(s_g_in, cols, query)  # [B, 1, H, W], 0 on padding
         if not self.img:
             zeros = torch.zeros_like(s_g)
             return {"cosine_prior": s_g, "coarse_mask": zeros, "initial_mask": zeros}
@@ -195,5 +244,9 @@ class IMGR(nn.Module):
         if query_valid is not None:
             coarse = coarse & (query_valid > 0)
         coarse = coarse.to(query.dtype)
-        refined = cycle_consistent(query, support, coarse, query_valid) if self.imr else coarse
+        refined = coarse
+        if self.imr:
+            coarse_in = _take(coarse, cols, v_in)  # [B, 1, 1, n]
+            refined_in = cycle_consistent(q_in, support, coarse_in, v_in, sim)
+            refined = _place(refined_in, cols, query)
         return {"cosine_prior": s_g, "coarse_mask": coarse, "initial_mask": refined}
