@@ -136,6 +136,7 @@ def part_eval(args, device) -> float:
     """Seconds of the evaluation with the cache off / on (same metrics, checked)."""
     results, walls = {}, {}
     accel = "gpu" if device.type == "cuda" else "cpu"
+    lit = None  # one model (same weights) for both
     for cache in (False, True):
         dm = EpisodicDataModule(
             "synthetic",
@@ -149,7 +150,7 @@ def part_eval(args, device) -> float:
             original_size=128,
             cache=cache,
         )
-        lit = LitCGMGM(
+        lit = lit or LitCGMGM(
             compose_model([]),
             {"name": "efficientnet_lite0", "weights": "imagenet"},
             dm.classes,
@@ -189,10 +190,10 @@ def part_eval(args, device) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--runs", type=int, default=5, help="test runs (episode seeds), as BAM's 5")
-    ap.add_argument("--episodes", type=int, default=24, help="episodes per run")
-    ap.add_argument("--images", type=int, default=60, help="images in the evaluated pool")
+    ap.add_argument("--episodes", type=int, default=16, help="episodes per run")
+    ap.add_argument("--images", type=int, default=40, help="images in the evaluated pool")
     args = ap.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"

@@ -224,3 +224,22 @@ def test_kshot_prototype_is_per_shot_then_averaged(kshot):
     else:
         want = (shot0 + feats[0, 1].sum((1, 2))) / 10
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_em_and_posterior_stay_fp32_under_autocast():
+    # bf16 mixed precision (trainer=gpu precision=bf16-mixed; CPU autocast here) must not
+    # reach the EM or the log-likelihoods: the same posterior as in fp32
+    from cgmgm.models.gmm import CDGMG
+    from cgmgm.models.qcpe import QCPE
+
+    g = torch.Generator().manual_seed(3)
+    support, query = torch.randn(2, 1, 8, 6, 6, generator=g), torch.randn(2, 8, 6, 6, generator=g)
+    fg = (torch.rand(2, 1, 6, 6, generator=g) > 0.5).float()
+    mq = (torch.rand(2, 1, 6, 6, generator=g) > 0.5).float()
+    cdgmg, qcpe = CDGMG(2, "diag", 5, False, 0.1), QCPE()
+    ref = qcpe(query, cdgmg(support, fg, 1 - fg, query, mq))["posterior"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        theta = cdgmg(support, fg, 1 - fg, query, mq)
+        amp = qcpe(query, theta)["posterior"]
+    assert theta.means.dtype == torch.float32 and amp.dtype == torch.float32
+    torch.testing.assert_close(amp, ref, rtol=0, atol=1e-6)

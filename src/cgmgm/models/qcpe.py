@@ -36,6 +36,7 @@ class QCPE(nn.Module):
         """query [B, D, H, W]; params with leading dims [B, 2] (bg, fg) -> maps [B, *, H, W]."""
         b, d, h, w = query.shape
         x = query.flatten(2).transpose(1, 2)  # [B, H*W, D]
-        ll = log_likelihood(params, x)  # [B, 2, H*W], Eq. 12
+        with torch.autocast(x.device.type, enabled=False):  # fp32 under AMP (it upcasts half)
+            ll = log_likelihood(params, x)  # [B, 2, H*W], Eq. 12
         post = posterior(ll, params.valid)  # [B, H*W], Eq. 13 (Bayes' rule)
         return {"log_likelihood": ll.view(b, 2, h, w), "posterior": post.view(b, 1, h, w)}
