@@ -123,7 +123,7 @@ def main() -> None:
     bw, rate = machine_rates(args.device, sync)
     n_pts, k = B * PIX, 2 * M
     read_once = n_pts * D * 4  # x, float32
-    bytes_moved = args.iters * 2 * n_pts * 2 * D * 4  # our layout: [x, x*x] read by E and M step
+    bytes_moved = args.iters * read_once  # ours: x read once per iteration, in cache-sized chunks
     floor_bytes = args.iters * read_once  # the least: x read once per iteration
     flops = args.iters * 2 * (2 * n_pts * 2 * D * k)  # E-step and M-step products
     t_floor = max(floor_bytes / bw, flops / rate)
