@@ -12,6 +12,16 @@ from cgmgm.config import compose_model
 from cgmgm.lit import model_kwargs
 from cgmgm.models.cgmgm import CGMGM
 
+# The embedded benchmark made tiny, for whole runs of the apps (each test adds its own counts).
+TINY_DATA = [
+    "dataset.dataset_kwargs.image_size=32",
+    "dataset.dataset_kwargs.num_images={train:200,val:80}",
+    "dataset.batch_size=4",
+    "dataset.eval_batch_size=8",
+    "dataset.train_episodes=8",
+    "dataset.val_episodes=8",
+]
+
 
 @functools.cache
 def _default_model() -> dict[str, Any]:

@@ -24,6 +24,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import cgmgm.train as train_app
+from _model_helpers import TINY_DATA
 from cgmgm.config import config_dir, format_table
 from cgmgm.eval import evaluate
 from cgmgm.loggers import wandb_logger
@@ -31,12 +32,7 @@ from cgmgm.models.gmm import fit_gmm, log_likelihood
 from cgmgm.train import train
 
 TINY = [
-    "dataset.dataset_kwargs.image_size=32",
-    "dataset.dataset_kwargs.num_images={train:200,val:80}",
-    "dataset.batch_size=4",
-    "dataset.eval_batch_size=8",
-    "dataset.train_episodes=8",
-    "dataset.val_episodes=8",
+    *TINY_DATA,
     "dataset.test_episodes=2",  # < 5 novel classes: some are never drawn
     "model.proj_dim=32",
     "model.gmm.iters=3",

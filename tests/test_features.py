@@ -14,6 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from _data_fixtures import fss_fixture
+from _model_helpers import TINY_DATA
 from cgmgm.config import config_dir
 from cgmgm.data import EpisodeDataset, SyntheticScenes
 from cgmgm.data.transforms import PadResize, bam_train_transform
@@ -29,12 +30,7 @@ QUIET = [
     "callbacks.figures=null",
 ]
 TINY = [  # the embedded benchmark, small
-    "dataset.dataset_kwargs.image_size=32",
-    "dataset.dataset_kwargs.num_images={train:200,val:80}",
-    "dataset.batch_size=4",
-    "dataset.eval_batch_size=8",
-    "dataset.train_episodes=8",
-    "dataset.val_episodes=8",
+    *TINY_DATA,
     "dataset.test_episodes=12",
     "model.proj_dim=32",
     "trainer.max_epochs=2",

@@ -15,18 +15,14 @@ import torch
 from experiments import sweep_table
 from hydra import compose, initialize_config_dir
 
+from _model_helpers import TINY_DATA
 from cgmgm.config import config_dir
 from cgmgm.eval import evaluate
 from cgmgm.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "dataset.dataset_kwargs.image_size=32",
-    "dataset.dataset_kwargs.num_images={train:200,val:80}",
-    "dataset.batch_size=4",
-    "dataset.eval_batch_size=8",
-    "dataset.train_episodes=8",
-    "dataset.val_episodes=8",
+    *TINY_DATA,
     "dataset.test_episodes=8",
     "model.proj_dim=32",
     "model.gmm.iters=3",
