@@ -220,3 +220,9 @@ def test_evaluation_is_identical_with_the_cache_on_and_off(tmp_path):
     # 2 seeds x 10 episodes x 2 images touch the fixture's 9 images: each computed once
     assert 0 < on["feature_cache"]["misses"] <= 9 and on["feature_cache"]["hits"] > 9
     assert np.isfinite(on["test/mIoU"])
+
+
+def test_cache_dir_expands_the_home_directory():
+    # `cache.dir=~/.cache/cgmgm` from the command line means the user's home, not a "~" folder
+    cache = FeatureCache("ab" * 20, 2**20, "~/.cache/cgmgm")
+    assert cache.directory == Path.home() / ".cache" / "cgmgm" / ("ab" * 8)

@@ -13,9 +13,9 @@ few hundred images ten thousand times. :class:`FeatureCache` keeps those outputs
 
 Entries live in memory under a byte budget (least recently used first out) and optionally on
 disk (``directory``), where later runs and other processes find them. A cached output is the
-same tensor the backbone returned (the backbone is batch-invariant: an image's features do not
-depend on the other images of its batch, checked in tests), so results are identical with the
-cache on and off.
+same tensor the backbone returned, and the backbone computes image by image, so an image's
+features never depend on the other images of its batch: results are identical with the cache
+on and off (tests/test_features.py).
 
 Features that depend on the mask are not cached: no reading needs them (the backbone sees the
 image only).
@@ -110,7 +110,9 @@ class FeatureCache:
         self, backbone_id: str, max_bytes: int, directory: str | os.PathLike | None = None
     ) -> None:
         self.backbone_id = str(backbone_id)
-        self.directory = None if directory is None else Path(directory) / self.backbone_id[:16]
+        if directory is not None:
+            directory = Path(directory).expanduser() / self.backbone_id[:16]
+        self.directory = directory
         self._memory = ByteLRU(max_bytes)
         self.hits = self.disk_hits = self.misses = 0
 
