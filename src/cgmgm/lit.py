@@ -9,8 +9,10 @@
 - Metrics (val and test): :class:`~cgmgm.metrics.FSSIoU` of the prediction (argmax of the
   logits) and of the guidance map binarised at 0.5 (GmIoU, paper Table 1), logged in percent
   as ``{stage}/mIoU``, ``{stage}/FB-IoU``, ``{stage}/GmIoU``, ``{stage}/IoU/class_<id>``.
-  Scored by the protocol (:mod:`cgmgm.data.protocols`): at the original label size when
-  episodes carry ``query_mask_orig`` (BAM/PFENet), else against ``query_mask``.
+  Scored by :func:`cgmgm.metrics.score` under the run's protocol: at the original label size
+  when episodes carry ``query_mask_orig`` (BAM/PFENet), else against ``query_mask``.
+- Frozen features: with :meth:`LitCGMGM.use_feature_cache`, batches carrying ``image_keys``
+  take the backbone's outputs from a :class:`~cgmgm.features.FeatureCache` (identical results).
 - Training randomness (decoder dropout) is a pure function of (seed, epoch, batch, rank), so
   resuming from a checkpoint reproduces an uninterrupted run.
 

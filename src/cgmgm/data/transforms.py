@@ -14,6 +14,10 @@ can be kept out of the model's fits (the episode's ``query_valid``).
   ``resized_val: True``): longer side to ``size`` (both sides then floored to a multiple of
   8), pasted top-left on a ``size`` x ``size`` canvas, image padded with 0, mask with 255.
 - :class:`SquashResize`: HSNet test/train resize (data/dataset.py): both sides to ``size``.
+
+A deterministic transform names itself with a ``cache_key`` string (the resizes do); the
+frozen-feature cache (:mod:`cgmgm.features`) serves only images under such transforms, so the
+random augmentation never gets one.
 """
 
 from __future__ import annotations
