@@ -226,3 +226,65 @@ def test_cache_dir_expands_the_home_directory():
     # `cache.dir=~/.cache/cgmgm` from the command line means the user's home, not a "~" folder
     cache = FeatureCache("ab" * 20, 2**20, "~/.cache/cgmgm")
     assert cache.directory == Path.home() / ".cache" / "cgmgm" / ("ab" * 8)
+
+
+def test_disk_cache_that_cannot_be_written_warns_and_keeps_going(lite0, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    cache = FeatureCache(backbone_fingerprint(lite0), 2**30, blocker)  # mkdir under a file fails
+    x = torch.rand(1, 3, 32, 32)
+    with pytest.warns(UserWarning, match="cannot write.*only in memory"):
+        mid, _ = cache.features(lite0, x, ["a"])
+    assert cache.directory is None and torch.equal(cache.features(lite0, None, ["a"])[0], mid)
+    assert FeatureCache("ab" * 20, 1, "").directory is None  # cache.dir= (empty): no disk
+
+
+def test_fingerprint_follows_the_architecture(lite0):
+    other = build_backbone("efficientnet_lite0", "imagenet")
+    conv = next(m for m in other.modules() if isinstance(m, torch.nn.Conv2d) and m.stride == (1, 1))
+    conv.dilation = (3, 3)  # same weights, another layer: another fingerprint
+    assert backbone_fingerprint(other) != backbone_fingerprint(lite0)
+
+
+def test_cache_settings_that_cache_nothing_say_so(tmp_path):
+    from cgmgm.config import attach_feature_cache, build_datamodule
+
+    cfg = _cfg("train", tmp_path, *TINY, "cache.memory_gb=0")
+    dm = build_datamodule(cfg)
+
+    class Module:
+        def use_feature_cache(self, *args):
+            raise AssertionError("no cache to use")
+
+    record = attach_feature_cache(cfg, Module(), dm, training=True)
+    assert record["enabled"] is False and "memory_gb is 0" in record["features"]
+    with pytest.raises(ValueError, match="cache.memory_gb must be a number"):
+        attach_feature_cache(
+            _cfg("train", tmp_path, *TINY, "cache.memory_gb=null"), Module(), dm, True
+        )
+
+
+def test_train_transform_test_needs_a_protocol():
+    from cgmgm.data import EpisodicDataModule
+
+    with pytest.raises(ValueError, match="protocol's test resize.*no protocol"):
+        EpisodicDataModule("synthetic", protocol=None, train_transform="test")
+
+
+def test_malformed_image_keys_are_an_error():
+    from cgmgm.config import compose_model
+    from cgmgm.lit import LitCGMGM
+
+    lit = LitCGMGM(
+        compose_model(["model.proj_dim=8"]), {"name": "efficientnet_lite0", "weights": None}, [1]
+    )
+    lit.use_feature_cache(2**20)
+    lit.bind_feature_cache()
+    batch = {
+        "query_img": torch.rand(3, 3, 32, 32),
+        "support_imgs": torch.rand(3, 1, 3, 32, 32),
+        "support_masks": torch.zeros(3, 1, 32, 32, dtype=torch.long),
+        "image_keys": ["q0", "s0"],  # one episode's keys, not collated
+    }
+    with pytest.raises(ValueError, match=r"K \+ 1 = 2 sequences of B = 3 keys"):
+        lit(batch)

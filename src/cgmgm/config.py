@@ -113,11 +113,17 @@ def attach_feature_cache(cfg: Any, module: Any, datamodule: Any, training: bool)
     it is on (training episodes too with ``training``) and why not elsewhere, and return that
     record for metrics.json."""
     cache = cfg.cache
-    if cache.enabled:
-        module.use_feature_cache(int(float(cache.memory_gb) * 2**30), cache.dir)
+    if cache.memory_gb is None or float(cache.memory_gb) < 0:
+        raise ValueError(f"cache.memory_gb must be a number >= 0, got {cache.memory_gb}")
+    directory = cache.dir or None
+    enabled = bool(cache.enabled) and (float(cache.memory_gb) > 0 or directory is not None)
+    if enabled:
+        module.use_feature_cache(int(float(cache.memory_gb) * 2**30), directory)
     record = getattr(datamodule, "cache_record", None)
     splits = record(training) if record is not None else {}
-    record = {"enabled": bool(cache.enabled), **splits}
+    if cache.enabled and not enabled:  # episodes keep their image memory, features are not kept
+        splits["features"] = "off: cache.memory_gb is 0 and there is no cache.dir"
+    record = {"enabled": enabled, **splits}
     print("feature cache: " + "; ".join(f"{k} {v}" for k, v in splits.items()))
     return record
 

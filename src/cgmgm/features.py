@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -72,9 +73,11 @@ class ByteLRU:
 
 
 def backbone_fingerprint(backbone: nn.Module) -> str:
-    """sha1 of the backbone's class, its buffers and every weight (names, shapes, dtypes and
-    bytes): equal for equal weights, different when any weight differs."""
-    h = hashlib.sha1(type(backbone).__qualname__.encode())
+    """sha1 of the backbone's architecture (its module tree, with strides and dilations), the
+    torch version, its buffers and every weight (names, shapes, dtypes and bytes): equal for
+    equal weights and code, different when any weight or layer differs (so a disk cache written
+    by other code or another torch is never read)."""
+    h = hashlib.sha1(f"{type(backbone).__qualname__}|{backbone!r}|{torch.__version__}".encode())
     tensors = dict(backbone.state_dict())
     tensors.update({f"buffer:{k}": v for k, v in backbone.named_buffers()})  # mean / std too
     for name in sorted(tensors):
@@ -110,8 +113,10 @@ class FeatureCache:
         self, backbone_id: str, max_bytes: int, directory: str | os.PathLike | None = None
     ) -> None:
         self.backbone_id = str(backbone_id)
-        if directory is not None:
+        if directory is not None and str(directory) != "":
             directory = Path(directory).expanduser() / self.backbone_id[:16]
+        else:
+            directory = None
         self.directory = directory
         self._memory = ByteLRU(max_bytes)
         self.hits = self.disk_hits = self.misses = 0
@@ -152,7 +157,7 @@ class FeatureCache:
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
             return data["mid"].to(device), data["high"].to(device)
-        except Exception as err:  # noqa: BLE001 - a torn or foreign file: recompute it
+        except Exception as err:  # noqa: BLE001 - a torn or foreign file: say which
             raise RuntimeError(
                 f"feature cache file {path} cannot be read ({type(err).__name__}: {err}); "
                 f"delete it (or the whole cache directory {self.directory}) and rerun"
@@ -162,14 +167,22 @@ class FeatureCache:
         if self.directory is None:
             return
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
+        tmp = None
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+            os.close(fd)
             torch.save({"mid": feats[0].cpu(), "high": feats[1].cpu()}, tmp)
             os.replace(tmp, path)  # atomic: readers see the whole file or none
+        except OSError as err:  # a full or read-only disk: keep going in memory, say so once
+            warnings.warn(
+                f"feature cache: cannot write {path} ({err}); from now on only in memory "
+                f"(fix or drop cache.dir={self.directory.parent})",
+                stacklevel=2,
+            )
+            self.directory = None
         finally:
-            if os.path.exists(tmp):
+            if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
 
     def lookup(self, key: str, device: torch.device) -> Features | None:

@@ -280,6 +280,12 @@ class EpisodicDataModule(L.LightningDataModule):
                 f"{stage}_transform must be {options}, None or a callable, got {spec!r}"
             )
         if self.protocol is None:
+            if spec == "test":
+                raise ValueError(
+                    "train_transform='test' means the protocol's test resize, and this data "
+                    "module has no protocol: set protocol= (bam, hsnet, pfenet), or give "
+                    "train_transform as None or a transform"
+                )
             return None
         if stage == "train" and spec == "protocol":
             return self.protocol.train_transform(name, seed=self.seed)
