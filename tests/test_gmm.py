@@ -444,3 +444,99 @@ def test_default_variance_floor_survives_a_dead_channel():
     assert p > 0.99 and margin > 5.0
     p_tiny, margin_tiny = p_fg(1e-6)
     assert p_tiny < 0.01 and margin_tiny < -1000.0
+
+
+# ---------------------------------------------------------------- the chunked diag EM
+# Without autograd the diag EM reads x in chunks (gmm._CPU_CHUNK_BYTES) and folds the
+# standardisation's scale into its coefficients; these tests shrink the chunks to a few points,
+# with a ragged last chunk, and check it against references written independently of it.
+
+
+def _stack_inits(inits: list[list[GaussianMixture]]) -> GaussianMixture:
+    """inits[b][c] with leading dim [1] -> one GaussianMixture with leading dims [B, C]."""
+    rows = [GaussianMixture(*(torch.stack(f, 1) for f in zip(*row, strict=True))) for row in inits]
+    return GaussianMixture(*(torch.cat(f, 0) for f in zip(*rows, strict=True)))
+
+
+def _brute_em_step(x, w, gm: GaussianMixture, reg: float):
+    """One weighted EM iteration with torch.distributions: x [N, D], w [N], gm leading dim [1]
+    (one class), ``reg`` the absolute variance floor -> (weights [M], means, covariances)."""
+    from torch.distributions import MultivariateNormal, Normal
+
+    full = gm.covariance_type == "full"
+    logp = []
+    for k in range(gm.means.shape[1]):
+        mu, cov = gm.means[0, k], gm.covariances[0, k]
+        dist = MultivariateNormal(mu, cov) if full else Normal(mu, cov.sqrt())
+        lp = dist.log_prob(x) if full else dist.log_prob(x).sum(-1)  # [N]
+        logp.append(lp + gm.log_weights[0, k])
+    r = torch.softmax(torch.stack(logp, 1), 1) * w[:, None]  # [N, M]
+    nk = r.sum(0)
+    means = r.T @ x / nk[:, None]
+    covs = []
+    for k in range(len(nk)):
+        xc = x - means[k]
+        s = (r[:, k, None] * xc).T @ xc / nk[k]
+        covs.append(s + reg * torch.eye(x.shape[1]) if full else s.diagonal() + reg)
+    return nk / nk.sum(), means, torch.stack(covs)
+
+
+@pytest.mark.parametrize("cov", ["diag", "full"])
+def test_one_em_step_equals_torch_distributions(cov, monkeypatch):
+    # E-step (Eq. 10) and M-step (Eq. 11) against per-component log-densities from
+    # torch.distributions, two episodes x two classes sharing the features, soft and zero weights.
+    monkeypatch.setattr("cgmgm.models.gmm._CPU_CHUNK_BYTES", 2 * 8 * (2 * 3 + 16) * 7)  # 7 points
+    rng = np.random.default_rng(41)
+    xs = [_blobs(rng, n=(40, 30, 27), d=3) * s + o for s, o in ((1.0, 0.0), (30.0, -200.0))]
+    x = torch.tensor(np.stack(xs))  # [2, 97, 3]
+    w = torch.tensor(rng.uniform(0.0, 1.0, (2, 2, 97)))
+    w[w < 0.25] = 0.0
+    inits = [[_hand_init(rng, xs[b], 3, cov) for _ in range(2)] for b in range(2)]
+    ours = fit_gmm(x, w, 3, cov, 1, init=_stack_inits(inits), reg_covar=1e-3)
+    for b in range(2):
+        reg = 1e-3 * _spread(xs[b], w[b].sum(0).numpy())
+        for c in range(2):
+            want = _brute_em_step(x[b], w[b, c], inits[b][c], reg)
+            _assert_params(ours, (b, c), tuple(t.numpy() for t in want), 1e-9, 1e-11)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e9])
+def test_chunked_diag_em_matches_reference(scale, monkeypatch):
+    # Eight iterations, chunks of 5 points (the last one ragged), against the numpy EM. At scale
+    # 1e9 the second episode's buffer holds x' instead of x - centre (its squares are not
+    # folded), next to an episode that is.
+    rng = np.random.default_rng(42)
+    xs = [_blobs(rng, n=(50, 40, 33), d=4), _blobs(rng, n=(60, 33, 30), d=4) * scale]
+    x = torch.tensor(np.stack(xs))  # [2, 123, 4]
+    w = torch.tensor(rng.uniform(0.05, 1.0, (2, 123)))
+    w[torch.tensor(rng.random((2, 123))) < 0.2] = 0.0
+    inits = [[_hand_init(rng, xs[b], 3, "diag")] for b in range(2)]
+    init = GaussianMixture(*(t[:, 0] for t in _stack_inits(inits)))  # leading dims [B]
+    default = fit_gmm(x, w, 3, "diag", 8, init=init)  # one chunk
+    monkeypatch.setattr("cgmgm.models.gmm._CPU_CHUNK_BYTES", 2 * 8 * (2 * 4 + 16) * 5)
+    ours = fit_gmm(x, w, 3, "diag", 8, init=init)
+    for b in range(2):
+        wb = w[b].numpy()
+        want = _em_reference(xs[b], wb, inits[b][0], 8, 1e-6 * _spread(xs[b], wb))
+        _assert_params(ours, (b,), want, 1e-8, 1e-10 * (scale if b else 1.0) ** 2)
+    for a, d in zip(ours[:4], default[:4], strict=True):
+        torch.testing.assert_close(a, d, rtol=1e-11, atol=0.0)
+
+
+def test_chunked_diag_em_float32_at_size():
+    # The bench's regime (D = 256, a few thousand points, fg and bg sharing features) in
+    # float32 against the same fit in float64.
+    g = torch.Generator().manual_seed(43)
+    centres = torch.randn(2, 6, 256, generator=g) * 2.0
+    comp = torch.randint(0, 6, (2, 3000), generator=g)
+    x = centres[torch.arange(2)[:, None], comp] + torch.randn(2, 3000, 256, generator=g)
+    fg = (comp >= 3).float()
+    w = torch.stack([1 - fg, fg], 1)
+    x = x + 5.0  # an offset: the centring matters
+    ours = fit_gmm(x, w, 3, "diag", 10, grad=False)
+    ref = fit_gmm(x.double(), w.double(), 3, "diag", 10, grad=False)
+    torch.testing.assert_close(ours.means.double(), ref.means, rtol=0, atol=2e-5)
+    torch.testing.assert_close(ours.covariances.double(), ref.covariances, rtol=1e-4, atol=0)
+    torch.testing.assert_close(ours.log_weights.double(), ref.log_weights, rtol=0, atol=1e-5)
+    ll, ll_ref = log_likelihood(ours, x).double(), log_likelihood(ref, x.double())
+    torch.testing.assert_close(ll, ll_ref, rtol=1e-5, atol=1e-3)

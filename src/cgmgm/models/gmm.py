@@ -26,10 +26,11 @@ Readings of points the paper leaves open (see DESIGN.md):
 - Gradients: the EM iterations run without gradient; the last iteration runs with
   gradient when ``grad=True``, so the final parameters are a differentiable function of x.
 - Speed (diag): without autograd, every EM iteration reads x once, in chunks of points that
-  fit in the CPU's cache (on a GPU: one chunk). Each chunk is standardised into a small
-  buffer [x', x'*x', 1], and the E-step (Eq. 10) and the M-step sums (Eq. 11) are two thin
-  matrix products on it; no [B, N, D] array is allocated (on CPUs, fresh large arrays cost
-  page faults that take longer than the arithmetic).
+  fit in the CPU's cache (on a GPU: one chunk). Each chunk is centred into a small buffer
+  [u, u*u, 1] (u = x - centre; the scale of the standardisation is folded into the
+  coefficients), and the E-step (Eq. 10) and the M-step sums (Eq. 11) are two thin matrix
+  products on it. Only the default initial split allocates a [B, N, D] array (on CPUs, fresh
+  large arrays cost page faults that take longer than the arithmetic).
 - A class whose total weight is 0 (an empty mask) gets ``valid = False`` and finite
   placeholder parameters; callers decide what an empty class means (QCPE: uniform posterior).
 """
@@ -48,7 +49,7 @@ _LOG_2PI = math.log(2.0 * math.pi)
 # Diag EM without autograd on a CPU streams x in chunks whose buffer [B, n, 2D + _PAD] has about
 # this many bytes (the L2 caches of two cores; measured best among 1-8 MiB at the bench's size).
 _CPU_CHUNK_BYTES = 4 << 20
-# Columns after [x', x'*x'] in the chunk buffer: a column of ones (it carries the E-step's
+# Columns after [u, u*u] in the chunk buffer: a column of ones (it carries the E-step's
 # constant and counts N_k in the M-step product) and zeros that keep rows 64-byte aligned.
 _PAD = 16
 
@@ -142,21 +143,30 @@ def _check_centre(centre: Tensor) -> None:
 
 def _centre_var(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     """Weighted centre [B, D] and spread [B] (mean over features of the weighted variance, plus
-    the floor) of each batch item, without autograd and without a [B, N, D] temporary: the
-    squares are summed chunk by chunk in a cache-sized buffer."""
-    w = _item_weights(weight)  # [B, N]
-    centre = torch.bmm(w[:, None], x)[:, 0]  # [B, D]
-    _check_centre(centre)
+    the floor) of each batch item, in one pass over x without autograd and without a [B, N, D]
+    temporary: each chunk's weighted mean and sum of squared deviations, combined exactly
+    (Chan, Golub and LeVeque's pairwise update: no cancellation of large squares)."""
+    w = _item_weights(weight)  # [B, N], sums to 1
     b, n, d = x.shape
     rows = _chunk_rows(x, d)
     buf = x.new_empty(b, rows, d)  # [B, rows, D]
-    acc = x.new_zeros(b, 1, d)  # [B, 1, D]: sum_n w_n (x_n - centre)^2
+    tiny = torch.finfo(x.dtype).tiny
+    parts = []  # per chunk: weight [B, 1, 1], weighted sum and mean [B, 1, D], M2 [B, 1, D]
     for s in range(0, n, rows):
-        sq = buf[:, : min(rows, n - s)]  # [B, n_s, D]
-        torch.sub(x[:, s : s + rows], centre[:, None], out=sq)
+        xk, wk = x[:, s : s + rows], w[:, None, s : s + rows]  # [B, k, D], [B, 1, k]
+        tot = wk.sum(-1, keepdim=True)  # [B, 1, 1]
+        sk = torch.bmm(wk, xk)  # [B, 1, D]
+        mk = sk / tot.clamp_min(tiny)  # the chunk's weighted mean (0 if it has no weight)
+        sq = buf[:, : xk.shape[1]]
+        torch.sub(xk, mk, out=sq)
         sq.mul_(sq)
-        acc.baddbmm_(w[:, None, s : s + rows], sq)
-    return centre, acc[:, 0].mean(1) + _floor(centre)
+        parts.append((tot, sk, mk, torch.bmm(wk, sq)))
+    centre = torch.stack([p[1] for p in parts]).sum(0)  # [B, 1, D]
+    _check_centre(centre)
+    # sum_n w_n (x_n - centre)^2 = sum over chunks of M2_k + W_k (mean_k - centre)^2
+    m2 = sum(m2k + tot * (mk - centre) ** 2 for tot, _, mk, m2k in parts)  # [B, 1, D]
+    centre = centre[:, 0]  # [B, D]
+    return centre, m2[:, 0].mean(1) + _floor(centre)
 
 
 def _standardise(x: Tensor, weight: Tensor, moments: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -294,23 +304,26 @@ def _diag_theta(sums: Tensor, n_k: Tensor, c: int, m: int, reg: float) -> Gaussi
     )
 
 
-def _diag_coef(gm: GaussianMixture, width: int) -> tuple[Tensor, Tensor]:
-    """The E-step (Eq. 10, 12) of diagonal Gaussians as one linear map of [x, x*x, 1].
+def _diag_coef(gm: GaussianMixture, width: int, a: Tensor) -> tuple[Tensor, Tensor]:
+    """The E-step (Eq. 10, 12) of diagonal Gaussians as one linear map of [u, u*u, 1].
 
-    gm with leading dims [B, C] -> (coef [B, K, width], cap [B, K, 1]) with
-    coef . [x, x*x, 1, 0...] = log pi_k + log N(x; mu_k, Sigma_k)
-                             = cap_k - 1/2 sum_d (x_d - mu_kd)^2 / sigma_kd^2,
-    since (x - mu)^2 p = x^2 p - 2 x (mu p) + mu^2 p; cap_k (the value at x = mu_k) bounds it.
+    gm with leading dims [B, C] in standard units x' = a u (a [B], u the buffer's units) ->
+    (coef [B, K, width], cap [B, K, 1]) with
+    coef . [u, u*u, 1, 0...] = log pi_k + log N(x'; mu_k, Sigma_k)
+                             = cap_k - 1/2 sum_d (x'_d - mu_kd)^2 / sigma_kd^2,
+    since (x' - mu)^2 p = u^2 (a^2 p) - 2 u (a mu p) + mu^2 p; cap_k (the value at x' = mu_k)
+    bounds it.
     """
     b, c, m, d = gm.means.shape
     means = gm.means.flatten(1, 2)  # [B, K, D]
     pc = gm.precision_chol.flatten(1, 2)  # [B, K, D] = 1 / sigma
     prec = pc * pc  # [B, K, D] = 1 / var
+    a = a[:, None, None]  # [B, 1, 1]
     # log pi_k - D/2 log 2 pi + log |Sigma_k|^-1/2
     cap = gm.log_weights.flatten(1) + pc.log().sum(-1) - 0.5 * d * _LOG_2PI  # [B, K]
     coef = means.new_zeros(b, c * m, width)  # [B, K, width]
-    coef[..., :d] = means * prec
-    coef[..., d : 2 * d] = -0.5 * prec
+    coef[..., :d] = means * prec * a
+    coef[..., d : 2 * d] = -0.5 * prec * (a * a)
     coef[..., 2 * d] = cap - 0.5 * (means * means * prec).sum(-1)
     return coef, cap[..., None]
 
@@ -318,10 +331,12 @@ def _diag_coef(gm: GaussianMixture, width: int) -> tuple[Tensor, Tensor]:
 class _DiagPasses:
     """Passes over the points for the diag EM without autograd, chunk by chunk (Eq. 10-11).
 
-    x [B, N, D] in original units is standardised on the fly, x' = (x - centre) / sqrt(var)
-    with centre [B, D] and var [B], into one buffer [B, rows, 2D + _PAD] that holds
-    [x', x'*x', 1, 0...] for a chunk of points; weight [B, C, N]. The views of every chunk are
-    made once, so an EM iteration costs a handful of calls per chunk.
+    x [B, N, D] in original units is centred on the fly, u = x - centre, into one buffer
+    [B, rows, 2D + _PAD] that holds [u, u*u, 1, 0...] for a chunk of points; weight [B, C, N].
+    The standardisation's scale x' = u / sqrt(var) (centre [B, D], var [B]) is folded into the
+    E-step coefficients and the M-step sums, which saves a pass over each chunk; an item whose
+    scale is far from 1 (where u*u could over- or underflow) is scaled in the buffer instead.
+    The views of every chunk are made once, so an EM iteration costs a few calls per chunk.
     """
 
     def __init__(self, x: Tensor, weight: Tensor, centre: Tensor, var: Tensor):
@@ -332,8 +347,13 @@ class _DiagPasses:
         buf[..., 2 * d] = 1.0
         self.d, self.width = d, width
         self.centre = centre[:, None]  # [B, 1, D]
-        self.inv = var.rsqrt()[:, None, None]  # [B, 1, 1]
-        self.chunks = []  # per chunk: x [B, k, D], w [B, C, 1, k], z [B, k, W], x', x'^2 views
+        inv = var.rsqrt()  # [B]
+        # scale in [2^-20, 2^20] (the spread's floor keeps var >= 1e-10 already)
+        fold = (var >= 2.0**-40) & (var <= 2.0**40)
+        self.a = torch.where(fold, inv, torch.ones_like(inv))  # [B]: x' = a u
+        # [B, 1, 1] factor applied in the buffer, or None where every item folds
+        self.inv = None if bool(fold.all()) else torch.where(fold, 1.0, inv)[:, None, None]
+        self.chunks = []  # per chunk: x [B, k, D], w [B, C, 1, k], z [B, k, W], u, u^2 views
         for s in range(0, n, rows):
             k = min(rows, n - s)
             z = buf[:, :k]
@@ -341,19 +361,20 @@ class _DiagPasses:
             self.chunks.append((x[:, s : s + k], w, z, z[..., :d], z[..., d : 2 * d]))
 
     def _load(self, chunk: tuple) -> Tensor:
-        """Fill the buffer with one chunk's [x', x'^2, 1, 0...]: [B, k, W]."""
+        """Fill the buffer with one chunk's [u, u^2, 1, 0...]: [B, k, W]."""
         xk, _, z, lo, hi = chunk
         torch.sub(xk, self.centre, out=lo)
-        lo.mul_(self.inv)
+        if self.inv is not None:
+            lo.mul_(self.inv)
         torch.mul(lo, lo, out=hi)
         return z
 
     def sums(self, gm: GaussianMixture) -> Tensor:
         """E-step of theta ``gm`` (standard units, leading dims [B, C]) and the M-step sums:
-        [B, K, W] = sum_n r_nk [x'_n, x'_n^2, 1, 0...] with r = w_cn p_cn[m] (Eq. 10); column 2D
+        [B, K, W] = sum_n r_nk [u_n, u_n^2, 1, 0...] with r = w_cn p_cn[m] (Eq. 10); column 2D
         is N_k."""
         b, c, m = gm.log_weights.shape
-        coef, cap = _diag_coef(gm, self.width)  # [B, K, W], [B, K, 1]
+        coef, cap = _diag_coef(gm, self.width, self.a)  # [B, K, W], [B, K, 1]
         out = coef.new_zeros(b, c * m, self.width)  # [B, K, W]
         for chunk in self.chunks:
             z = self._load(chunk)
@@ -375,29 +396,10 @@ class _DiagPasses:
         return out
 
     def theta(self, sums: Tensor, c: int, m: int, reg: float) -> GaussianMixture:
-        """Eq. 11 from the output of sums / sums_of."""
-        return _diag_theta(sums[..., : 2 * self.d], sums[..., 2 * self.d], c, m, reg)
-
-
-def _diag_em(
-    x: Tensor,
-    weight: Tensor,
-    centre: Tensor,
-    var: Tensor,
-    gm: GaussianMixture,
-    iters: int,
-    reg: float,
-) -> GaussianMixture:
-    """``iters`` diag EM iterations (Eq. 10-11) without autograd, each one pass over x.
-
-    x [B, N, D] original units; weight [B, C, N]; centre [B, D], var [B] the standardisation;
-    gm theta^t in standard units -> theta^(t + iters) in standard units.
-    """
-    b, c, m = gm.log_weights.shape
-    passes = _DiagPasses(x, weight, centre, var)
-    for _ in range(iters):
-        gm = passes.theta(passes.sums(gm), c, m, reg)
-    return gm
+        """Eq. 11 (standard units) from the output of sums / sums_of."""
+        d, a = self.d, self.a[:, None, None]  # [B, 1, 1]
+        mom = torch.cat([sums[..., :d] * a, sums[..., d : 2 * d] * (a * a)], -1)  # [B, K, 2D]
+        return _diag_theta(mom, sums[..., 2 * d], c, m, reg)
 
 
 def _initial_assignment(x: Tensor, weight: Tensor, m: int, power_iters: int = 8) -> Tensor:
@@ -500,8 +502,9 @@ def fit_gmm(
     m = int(components)
     if iters < 0:
         raise ValueError(f"fit_gmm: iters must be >= 0, got {iters}")
-    # The last iteration records a graph only when there is something to differentiate.
-    graph = iters > 0 and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    # The standardisation and the last iteration record a graph only when there is something to
+    # differentiate.
+    graph = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     z = None  # [B, N, 2D] ("diag") or [B, N, D] ("full"), only where it is needed whole
     if full or graph:
         z, centre, scale = _standardise(x, weight, moments=not full)
@@ -513,6 +516,7 @@ def fit_gmm(
             scale = var.sqrt()
         else:
             var = scale.detach().square()
+        passes = None if full else _DiagPasses(xd, wd, centre.detach(), var)
         if init is None:
             if z is None:  # diag without autograd: x' only for the initial split
                 xs = torch.sub(xd, centre[:, None]).mul_(var.rsqrt()[:, None, None])  # [B, N, D]
@@ -524,7 +528,6 @@ def fit_gmm(
                 gm = _m_step(z.detach(), first, reg_covar, full)
             else:  # the same M-step (Eq. 11), as one pass over x
                 resp = first.flatten(2).transpose(1, 2).contiguous()  # [B, K, N]
-                passes = _DiagPasses(xd, wd, centre.detach(), var)
                 gm = passes.theta(passes.sums_of(resp), weight.shape[1], m, reg_covar)
         else:
             if single:
@@ -536,15 +539,14 @@ def fit_gmm(
                     f"expected {(x.shape[0], weight.shape[1], m)}"
                 )
             gm = gm._replace(valid=weight.sum(-1) > 0)
-        plain = iters - 1 if graph else iters  # iterations without autograd
-        if full:
-            zd = z.detach()
-            for _ in range(plain):
-                gm = _m_step(zd, _e_step(zd, wd, gm, full), reg_covar, full)
-        else:
-            gm = _diag_em(xd, wd, centre.detach(), var, gm, plain, reg_covar)
+        plain = iters - 1 if graph and iters > 0 else iters  # iterations without autograd
+        for _ in range(plain):
+            if full:
+                gm = _m_step(z.detach(), _e_step(z.detach(), wd, gm, full), reg_covar, full)
+            else:  # one pass over x (Eq. 10-11)
+                gm = passes.theta(passes.sums(gm), weight.shape[1], m, reg_covar)
 
-    if graph:
+    if graph and iters > 0:
         gm = _m_step(z, _e_step(z, weight, gm, full), reg_covar, full)
     gm = _placeholder(_affine(gm, centre, scale, inverse=True))
     if single:
