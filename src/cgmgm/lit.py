@@ -34,7 +34,7 @@ from torch import Tensor
 from cgmgm.constants import IGNORE_INDEX
 from cgmgm.data.protocols import get_protocol
 from cgmgm.features import FeatureCache, backbone_fingerprint
-from cgmgm.metrics import FSSIoU, episode_results, score
+from cgmgm.metrics import FSSIoU, decide, episode_results, score
 from cgmgm.models.backbone import build_backbone
 from cgmgm.models.cgmgm import CGMGM
 from cgmgm.models.resize import resize
@@ -301,8 +301,7 @@ class LitCGMGM(L.LightningModule):
         if stage == "val" and not self.training_free:  # monitored in training; a test has none
             self.log("val/loss", self.loss(logits, target), batch_size=target.shape[0])
         maps = {k: out[k].detach() for k in MAP_KEYS if k in out}
-        pred = (logits[:, 1] > logits[:, 0]).long()  # argmax(1), ties to background
-        return {"pred": pred, **maps}  # pred [B, H, W], maps [B, 1, h, w]
+        return {"pred": decide(logits), **maps}  # pred [B, H, W], maps [B, 1, h, w]
 
     def _log_epoch(self, stage: str) -> None:
         iou, gm = (self.val_iou, self.val_gm) if stage == "val" else (self.test_iou, self.test_gm)

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from cgmgm.data.protocols import Protocol
 
 __all__ = [
+    "decide",
     "FSSIoU",
     "binarize",
     "classes_drawn",
@@ -72,7 +73,7 @@ def _as_maps(output: Tensor) -> Tensor:
     return output.float()
 
 
-def _decide(maps: Tensor, threshold: float = 0.5) -> Tensor:
+def decide(maps: Tensor, threshold: float = 0.5) -> Tensor:
     """[B, C, H, W] -> long [B, H, W]: argmax of logits (C >= 2, ties to background) or
     probability > threshold (C = 1)."""
     if maps.shape[1] == 1:
@@ -92,7 +93,7 @@ def binarize(prob: Tensor, threshold: float = 0.5, size: Sequence[int] | None = 
     maps = _as_maps(prob)  # [B, C, h, w]
     if maps.shape[1] != 1:
         raise ValueError(f"expected [B, 1, h, w] or [B, h, w], got {tuple(prob.shape)}")
-    return _decide(maps if size is None else resize(maps, size), threshold)
+    return decide(maps if size is None else resize(maps, size), threshold)
 
 
 def restore_original(
@@ -140,7 +141,7 @@ def original_size_prediction(
     maps = restore_original(
         _as_maps(output), batch["query_orig_size"], tuple(target.shape[-2:]), mode
     )  # [B, C, S, S]
-    return _decide(maps, threshold).to(target.device), target
+    return decide(maps, threshold).to(target.device), target
 
 
 # ---------------------------------------------------------------------- metric
@@ -250,7 +251,7 @@ def score(metric: FSSIoU, output: Tensor, batch: Mapping[str, Tensor], protocol:
         pred, target = original_size_prediction(output, batch, protocol.resize)
     else:
         target = batch["query_mask"]  # [B, H, W]
-        pred = _decide(resize(_as_maps(output), target.shape[-2:]))  # [B, H, W]
+        pred = decide(resize(_as_maps(output), target.shape[-2:]))  # [B, H, W]
     metric.update(pred, target, batch["class_idx"])
 
 
