@@ -19,7 +19,12 @@ from cgmgm.models.backbone import (
 )
 
 DATA = Path(os.environ.get("CGMGM_TEST_DATA", "/work/shared/data"))
-CHANNELS = {"resnet50": (1536, 2048), "vgg16": (768, 512), "efficientnet_lite0": (152, 320)}
+CHANNELS = {
+    "resnet50": (1536, 2048),
+    "resnet50_psp": (1536, 2048),
+    "vgg16": (768, 512),
+    "efficientnet_lite0": (152, 320),
+}
 H, W = 65, 97  # odd sizes: every stage must give ceil(H/8) x ceil(W/8)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import cgmgm
 
 __all__ = [
     "CKPT_WHAT",
+    "CKPT_WHAT_BASE",
     "attach_feature_cache",
     "build_datamodule",
     "check_protocol",
@@ -26,6 +28,7 @@ __all__ = [
     "format_table",
     "instantiate_callbacks",
     "instantiate_loggers",
+    "keep_earlier",
     "load_checkpoint",
     "protocol_record",
     "report",
@@ -191,6 +194,17 @@ def protocol_record(datamodule: Any) -> dict[str, Any]:
     }
 
 
+def keep_earlier(path: Path) -> None:
+    """Move an existing ``path`` (``x.json``) aside to ``x.earlier-<k>.json``: never overwrite."""
+    if not path.exists():
+        return
+    k = 1
+    while (kept := path.with_name(f"{path.stem}.earlier-{k}{path.suffix}")).exists():
+        k += 1
+    path.rename(kept)
+    print(f"{path.name}: the earlier one is kept as {kept}", file=sys.stderr)
+
+
 def write_metrics(path: str | Path, metrics: Mapping[str, Any]) -> Path:
     """Write ``metrics`` as JSON (NaN as null); returns the path."""
 
@@ -215,6 +229,7 @@ def format_table(
     class_names: Sequence[str] | None = None,
     prefix: str = "test/",
     std_suffix: str | None = None,
+    summary: Sequence[str] = ("mIoU", "FB-IoU", "GmIoU"),
 ) -> str:
     """Per-class IoU, then mIoU, FB-IoU and GmIoU (percent) as a small text table.
 
@@ -237,9 +252,7 @@ def format_table(
     for cid in class_ids:
         name = class_names[cid] if class_names is not None and cid < len(class_names) else ""
         rows.append((f"class {cid:>3} {name}".rstrip(), cell(f"{prefix}IoU/class_{cid}")))
-    rows.append(("mIoU", cell(f"{prefix}mIoU")))
-    rows.append(("FB-IoU", cell(f"{prefix}FB-IoU")))
-    rows.append(("GmIoU", cell(f"{prefix}GmIoU")))
+    rows += [(name, cell(f"{prefix}{name}")) for name in summary]
     note = ""  # after the mIoU: the classes it averages
     drawn, total = metrics.get(f"{prefix}classes_drawn"), metrics.get(f"{prefix}classes_total")
     if drawn is not None and total:
@@ -259,6 +272,7 @@ def format_table(
 # ---------------------------------------------------------------- checkpoints (both apps)
 
 CKPT_WHAT = "a cgmgm checkpoint (a .ckpt file written by cgmgm.train)"
+CKPT_WHAT_BASE = "a cgmgm stage-1 checkpoint (a .ckpt file written by cgmgm.train_base)"
 
 
 def _unreadable(err: Exception) -> str:
@@ -273,40 +287,45 @@ def _unreadable(err: Exception) -> str:
     return "not a PyTorch checkpoint file"
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A cgmgm checkpoint (a Lightning checkpoint of :class:`~cgmgm.lit.LitCGMGM`) loaded with
-    ``torch.load(..., weights_only=True)`` (plain types and tensors). Anything else (no such
-    file, empty, unreadable, another program's checkpoint) is an error naming the file."""
+def load_checkpoint(path: str | Path, stage: int = 2, key: str = "ckpt_path") -> dict[str, Any]:
+    """A cgmgm checkpoint loaded with ``torch.load(..., weights_only=True)`` (plain types and
+    tensors): of :class:`~cgmgm.lit.LitCGMGM` (``stage`` 2, cgmgm.train) or of
+    :class:`~cgmgm.lit_base.LitBase` (``stage`` 1, cgmgm.train_base). Anything else (no such
+    file, empty, unreadable, another program's or the other stage's checkpoint) is an error
+    naming the file (as the config key ``key``)."""
     import torch
+
+    what = CKPT_WHAT_BASE if stage == 1 else CKPT_WHAT
 
     path = Path(path).expanduser()
     if path.is_dir():
         last = path / "checkpoints" / "last.ckpt"
-        hint = f", e.g. ckpt_path={last}" if last.is_file() else ""
-        raise IsADirectoryError(f"ckpt_path={path} is a directory; pass {CKPT_WHAT}{hint}")
+        hint = f", e.g. {key}={last}" if last.is_file() else ""
+        raise IsADirectoryError(f"{key}={path} is a directory; pass {what}{hint}")
     if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={path}: no such file; pass {CKPT_WHAT}")
+        raise FileNotFoundError(f"{key}={path}: no such file; pass {what}")
     if path.stat().st_size == 0:
         raise ValueError(
-            f"ckpt_path={path} is an empty file (0 bytes; an interrupted save?), not {CKPT_WHAT}"
+            f"{key}={path} is an empty file (0 bytes; an interrupted save?), not {what}"
         )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear error
         raise ValueError(
-            f"ckpt_path={path} is not {CKPT_WHAT}: torch.load cannot read it ({_unreadable(err)})"
+            f"{key}={path} is not {what}: torch.load cannot read it ({_unreadable(err)})"
         ) from None
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     hp = hp if isinstance(hp, dict) else {}
     lacks = []
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict)):
         lacks.append("state_dict")
-    if not isinstance(hp.get("model"), dict):
-        lacks.append("hyper_parameters.model")
+    needs, kind = ("base_classes", list) if stage == 1 else ("model", dict)
+    if not isinstance(hp.get(needs), kind):
+        lacks.append(f"hyper_parameters.{needs}")
     if not (isinstance(hp.get("backbone"), dict) and "name" in hp["backbone"]):
         lacks.append("hyper_parameters.backbone.name")
     if lacks:
-        raise ValueError(f"ckpt_path={path} is not {CKPT_WHAT}: it has no {', '.join(lacks)}")
+        raise ValueError(f"{key}={path} is not {what}: it has no {', '.join(lacks)}")
     return ckpt
 
 

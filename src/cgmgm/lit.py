@@ -35,7 +35,8 @@ from cgmgm.constants import IGNORE_INDEX
 from cgmgm.data.protocols import get_protocol
 from cgmgm.features import FeatureCache, backbone_fingerprint
 from cgmgm.metrics import FSSIoU, decide, episode_results, score
-from cgmgm.models.backbone import build_backbone
+from cgmgm.models.backbone import build_backbone, load_body_state
+from cgmgm.models.base_learner import BaseLearner
 from cgmgm.models.cgmgm import CGMGM
 from cgmgm.models.resize import resize
 
@@ -101,10 +102,44 @@ def model_kwargs(model: Mapping[str, Any]) -> dict[str, Any]:
     return {MODEL_KEYS[k]: v for k, v in values.items()}
 
 
-def build_model(model: Mapping[str, Any], backbone: Mapping[str, Any]) -> CGMGM:
-    """CGMGM from the ``model`` and ``backbone`` config groups (see conf/model/cgmgm.yaml)."""
+def build_model(
+    model: Mapping[str, Any], backbone: Mapping[str, Any], base_learner_classes: int | None = None
+) -> CGMGM:
+    """CGMGM from the ``model`` and ``backbone`` config groups (see conf/model/cgmgm.yaml),
+    with a base learner over ``base_learner_classes`` (base classes + background) when given
+    (its weights and the backbone's then come from a stage-1 checkpoint:
+    :meth:`LitCGMGM.load_base`)."""
     bb = _require(backbone, ("name", "weights"), "backbone", "conf/backbone/<name>.yaml")
-    return CGMGM(build_backbone(bb["name"], bb["weights"]), **model_kwargs(model))
+    weights = "none" if base_learner_classes else bb["weights"]  # the stage-1 body replaces them
+    net = build_backbone(bb["name"], weights)
+    base = None
+    if base_learner_classes:
+        base = BaseLearner(net.high_channels, int(base_learner_classes))
+    return CGMGM(net, base_learner=base, **model_kwargs(model))
+
+
+def sgd_with_decay(trainer: L.Trainer, groups: list[dict], o: Mapping[str, Any]) -> dict:
+    """BAM's SGD over parameter ``groups`` (each with its own lr) with a per-iteration decay,
+    ``o["schedule"]`` poly (``o["poly_power"]``) or cosine, over the trainer's estimated
+    stepping batches: the optimiser config of both stages."""
+    optimizer = torch.optim.SGD(
+        groups, lr=groups[0]["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"]
+    )
+    total = trainer.estimated_stepping_batches
+    if not np.isfinite(total):
+        raise ValueError("the lr schedule needs a finite trainer.max_epochs or max_steps")
+    if o["schedule"] == "poly":
+        scheduler = torch.optim.lr_scheduler.PolynomialLR(
+            optimizer, total_iters=int(total), power=o["poly_power"]
+        )
+    elif o["schedule"] == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=int(total))
+    else:
+        raise ValueError(f"optim.schedule must be 'poly' or 'cosine', got {o['schedule']!r}")
+    return {
+        "optimizer": optimizer,
+        "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+    }
 
 
 class LitCGMGM(L.LightningModule):
@@ -122,6 +157,9 @@ class LitCGMGM(L.LightningModule):
         meta: free plain-typed run information stored in the checkpoint (fold, shot, ...).
         protocol: the evaluation protocol that scores val/test batches ("bam", "hsnet",
             "pfenet"; :func:`cgmgm.metrics.score`).
+        base_learner_classes: stage 2 on a stage-1 checkpoint: the base learner's classes
+            (base + background); its weights and the backbone's are then loaded with
+            :meth:`load_base` (and come back with the rest from this module's checkpoints).
     """
 
     def __init__(
@@ -134,6 +172,7 @@ class LitCGMGM(L.LightningModule):
         seed: int = 0,
         meta: dict | None = None,
         protocol: str = "bam",
+        base_learner_classes: int | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("model", model), ("backbone", backbone), ("optim", optim)):
@@ -143,7 +182,7 @@ class LitCGMGM(L.LightningModule):
         _check_plain(meta, "meta")
         self.protocol = get_protocol(protocol)
         self.save_hyperparameters()
-        self.model = build_model(model, backbone)
+        self.model = build_model(model, backbone, base_learner_classes)
         self.class_ids = [int(c) for c in class_ids]
         self.class_names = class_names
         n = len(self.class_ids)
@@ -152,6 +191,14 @@ class LitCGMGM(L.LightningModule):
         # frozen-feature cache (use_feature_cache); not state: checkpoints never hold it
         self._cache_spec: tuple[int, str | None] | None = None
         self.feature_cache: FeatureCache | None = None
+
+    def load_base(self, base: Any) -> None:
+        """Take the backbone and the base learner from a stage-1 checkpoint
+        (:class:`cgmgm.base_ckpt.BaseCheckpoint`); both stay frozen."""
+        if self.model.base_learner is None:
+            raise RuntimeError("build the module with base_learner_classes to load a base")
+        load_body_state(self.model.backbone.body, base.body, base.path)
+        self.model.base_learner.load_state_dict(base.head)
 
     @property
     def training_free(self) -> bool:
@@ -270,24 +317,7 @@ class LitCGMGM(L.LightningModule):
         groups = [{"params": new, "lr": o["lr"] * o["new_layer_lr_mult"]}]
         if old:
             groups.append({"params": old, "lr": o["lr"]})
-        optimizer = torch.optim.SGD(
-            groups, lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"]
-        )
-        total = self.trainer.estimated_stepping_batches
-        if not np.isfinite(total):
-            raise ValueError("the lr schedule needs a finite trainer.max_epochs or max_steps")
-        if o["schedule"] == "poly":
-            scheduler = torch.optim.lr_scheduler.PolynomialLR(
-                optimizer, total_iters=int(total), power=o["poly_power"]
-            )
-        elif o["schedule"] == "cosine":
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=int(total))
-        else:
-            raise ValueError(f"optim.schedule must be 'poly' or 'cosine', got {o['schedule']!r}")
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
-        }
+        return sgd_with_decay(self.trainer, groups, o)
 
     # ------------------------------------------------------------------ evaluation
 

@@ -56,6 +56,7 @@ __all__ = [
     "original_size_prediction",
     "restore_original",
     "score",
+    "semantic_results",
 ]
 
 
@@ -294,3 +295,35 @@ def classes_drawn(
     ``{prefix}IoU/class_<id>`` in flat ``results`` (:func:`flatten_results` leaves the others
     out). mIoU averages these classes only."""
     return sum(f"{prefix}IoU/class_{int(c)}" in results for c in class_ids)
+
+
+# ---------------------------------------------------------------------- semantic (stage 1)
+
+
+def semantic_results(
+    confmat: Tensor, class_ids: Sequence[int], prefix: str = "val/"
+) -> dict[str, float]:
+    """The base learner's scores from a confusion matrix [N + 1, N + 1] (rows: target, columns:
+    prediction; index 0 background, j the base class ``class_ids[j - 1]``), accumulated over
+    every image (torchmetrics ``MulticlassConfusionMatrix`` with ``ignore_index=255``).
+
+    Per-class IoU = diag / (row + column - diag) as ``{prefix}IoU/class_<id>`` (percent) for
+    the base classes that occur in the targets or the predictions; ``{prefix}mIoU`` = their
+    mean without background (BAM's stage-1 validation); ``{prefix}classes_present`` counts
+    them (a class with no pixel anywhere has no IoU and is not averaged).
+    """
+    cm = confmat.double()
+    inter = cm.diagonal()  # [N + 1]
+    union = cm.sum(0) + cm.sum(1) - inter  # [N + 1]
+    if len(class_ids) + 1 != cm.shape[0]:
+        raise ValueError(f"{len(class_ids)} class ids for a {tuple(cm.shape)} confusion matrix")
+    out: dict[str, float] = {}
+    ious = []
+    for j, cid in enumerate(class_ids, start=1):
+        if union[j] > 0:
+            iou = float(100.0 * inter[j] / union[j])
+            out[f"{prefix}IoU/class_{int(cid)}"] = iou
+            ious.append(iou)
+    out[f"{prefix}mIoU"] = sum(ious) / len(ious) if ious else float("nan")
+    out[f"{prefix}classes_present"] = float(len(ious))
+    return out

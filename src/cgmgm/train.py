@@ -35,6 +35,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from cgmgm.base_ckpt import check_base_checkpoint, load_base_checkpoint
 from cgmgm.config import (
     attach_feature_cache,
     build_datamodule,
@@ -42,6 +43,7 @@ from cgmgm.config import (
     config_dir,
     instantiate_callbacks,
     instantiate_loggers,
+    keep_earlier,
     load_checkpoint,
     protocol_record,
     report,
@@ -117,15 +119,19 @@ def _check_resume_fits(ckpt: dict[str, Any], module: LitCGMGM, cfg: DictConfig) 
         )
 
 
-def _keep_earlier(path: Path) -> None:
-    """Move an existing ``path`` (``x.json``) aside to ``x.earlier-<k>.json``: never overwrite."""
-    if not path.exists():
-        return
-    k = 1
-    while (kept := path.with_name(f"{path.stem}.earlier-{k}{path.suffix}")).exists():
-        k += 1
-    path.rename(kept)
-    print(f"{path.name}: the earlier one is kept as {kept}", file=sys.stderr)
+def _stage1_record(cfg: DictConfig, base: Any) -> dict[str, Any]:
+    """What the frozen backbone stands on, for metrics.json and the checkpoint."""
+    if base is not None:
+        return {"stage1": base.record()}
+    return {
+        "stage1": {
+            "base_ckpt": None,
+            "backbone_weights": str(cfg.backbone.weights),
+            "note": "no stage 1: the backbone's own weights (e.g. ImageNet), not fine-tuned on "
+            "the base classes, and no base learner (BAM's and the paper's runs stand on stage 1:"
+            " python -m cgmgm.train_base, then base_ckpt=)",
+        }
+    }
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -145,10 +151,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         _check_resume_backbone(resume, cfg)
     # The frozen backbone stays in eval mode on purpose (LitCGMGM checks it every epoch).
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+    base = load_base_checkpoint(cfg.base_ckpt) if cfg.base_ckpt else None
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     check_protocol(cfg, datamodule)
+    if base is not None:
+        check_base_checkpoint(
+            base,
+            dataset=str(cfg.dataset.get("dataset", "")),
+            fold=int(cfg.fold),
+            backbone=str(cfg.backbone.name),
+            base_class_names=datamodule.class_names_for(
+                datamodule.train_split, datamodule.train_class_ids
+            ),
+        )
     info = run_info(cfg, to_plain(cfg.model), to_plain(cfg.backbone))
+    info.update(_stage1_record(cfg, base))
     if hasattr(datamodule, "class_record"):  # checkpoints carry the classes trained on, so
         classes = datamodule.class_record(training=True)  # that cgmgm.eval can refuse them
         info["train_class_names"] = classes["train_class_names"]
@@ -162,7 +180,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         seed=int(cfg.seed),
         meta=info,
         protocol=str(cfg.protocol),
+        base_learner_classes=base.num_classes if base is not None else None,
     )
+    if base is not None:
+        module.load_base(base)
+        print(
+            f"stage 2 on {base.path}: its fine-tuned backbone and base learner "
+            f"({base.num_classes - 1} base classes), frozen; backbone.weights is not used"
+        )
+        del base
     if resume is not None:
         _check_resume_fits(resume, module, cfg)
         del resume
@@ -189,7 +215,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             metrics["val/mIoU_best"] = float(best.best_model_score)
         metrics["wall_time_s"] = round(time.perf_counter() - start, 1)
         if trainer.is_global_zero:
-            _keep_earlier(out_dir / "metrics.json")
+            keep_earlier(out_dir / "metrics.json")
             report(out_dir / "metrics.json", metrics, module)
         failed = False
     finally:

@@ -60,8 +60,12 @@ class BAMTrainTransform:
         seed: seed of the augmentation stream. Inside a DataLoader worker the stream is
             re-seeded from ``(seed, worker seed)`` so workers never repeat each other.
 
-    Not reproduced: BAM's crop retries (up to 30) until >= 85% of the binarised target
-    survives; here masks are class-index maps and the target class is not known yet.
+        crop_retries: BAM's crop retries: the crop is drawn again, up to this many times,
+            until at least ``crop_keep`` of the mask's labelled pixels (values other than 0 and
+            255) survive it (BAM: 30 and 0.85). Episodes leave it at 0: their masks are
+            class-index maps and the target class is not known yet; the base learner's masks
+            hold only its own classes (:mod:`cgmgm.data.base`), so it uses the retries.
+        crop_keep: the fraction of labelled pixels a crop must keep (with ``crop_retries``).
     """
 
     def __init__(
@@ -75,6 +79,8 @@ class BAMTrainTransform:
         fill: tuple[float, float, float] = IMAGENET_MEAN_255,
         ignore_index: int = IGNORE_INDEX,
         seed: int = 0,
+        crop_retries: int = 0,
+        crop_keep: float = 0.85,
     ) -> None:
         lo, hi = (float(s) for s in scale)
         if not 0 < lo <= hi:
@@ -110,10 +116,12 @@ class BAMTrainTransform:
                     fill=fill,
                     fill_mask=ignore_index,
                 ),
-                A.RandomCrop(height=self.size, width=self.size),
             ],
             seed=self.seed,
         )
+        self.crop = A.Compose([A.RandomCrop(height=self.size, width=self.size)], seed=self.seed + 1)
+        self.crop_retries, self.crop_keep = int(crop_retries), float(crop_keep)
+        self.ignore_index = int(ignore_index)
         self._seeded_for: int | None = None
 
     def _reseed_for_worker(self) -> None:
@@ -124,6 +132,7 @@ class BAMTrainTransform:
             if key is not None:
                 seed = int(np.random.SeedSequence([self.seed, key % 2**63]).generate_state(1)[0])
             self.compose.set_random_seed(seed)
+            self.crop.set_random_seed(seed + 1)
             self._seeded_for = key
 
     def __call__(
@@ -136,8 +145,24 @@ class BAMTrainTransform:
         out = self.compose(
             image=np.ascontiguousarray(image), masks=[np.ascontiguousarray(mask), ones]
         )
+        out = self._crop(out["image"], out["masks"])
         mask_out, valid = out["masks"]
         return out["image"], np.asarray(mask_out), (np.asarray(valid) == 1).astype(np.uint8)
+
+    def _labelled(self, mask: np.ndarray) -> int:
+        return int(np.count_nonzero((mask != 0) & (mask != self.ignore_index)))
+
+    def _crop(self, image: np.ndarray, masks: list[np.ndarray]) -> dict:
+        """The random crop, drawn again (``crop_retries``) while it keeps less than
+        ``crop_keep`` of the labelled pixels; the last draw stands."""
+        out = self.crop(image=image, masks=masks)
+        if self.crop_retries > 0:
+            total = self._labelled(masks[0])
+            for _ in range(self.crop_retries):
+                if self._labelled(out["masks"][0]) >= self.crop_keep * total:
+                    break
+                out = self.crop(image=image, masks=masks)
+        return out
 
 
 def bam_train_transform(dataset: str = "pascal", seed: int = 0, **overrides) -> BAMTrainTransform:

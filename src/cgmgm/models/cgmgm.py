@@ -18,6 +18,10 @@ K shots (``kshot``): "mean" (BAM) averages one cosine prior and one prototype pe
 pools the pixels of every shot into one prior and one prototype. The mixtures are always fitted
 on the pixels of every shot together.
 
+``base_learner`` (optional, from a stage-1 checkpoint): BAM's base learner
+(:mod:`cgmgm.models.base_learner`), frozen, on the backbone's high-level features
+(:meth:`CGMGM.base_logits`), for BAM's ensemble.
+
 Query pixels outside the image (``query_valid`` = 0: the padding of BAM's test resize) enter
 no fit and no normalisation; a feature cell counts as inside when at least half its area is.
 """
@@ -88,6 +92,7 @@ class CGMGM(nn.Module):
         em_iters: int,
         gmm_grad: bool,
         reg_covar: float,
+        base_learner: nn.Module | None = None,
     ):
         super().__init__()
         if guidance not in GUIDANCES:
@@ -108,6 +113,25 @@ class CGMGM(nn.Module):
                 nn.Conv2d(backbone.mid_channels, proj_dim, 1, bias=False), nn.ReLU(inplace=True)
             )
             self.decoder = Decoder(proj_dim, guidance_channels=1)
+        # BAM's stage-1 base learner on the backbone's last stage, frozen like the backbone
+        # (BatchNorm and dropout in eval mode; BAM leaves its dropout on, a quirk not kept)
+        self.base_learner = base_learner
+        if base_learner is not None:
+            base_learner.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> CGMGM:
+        super().train(mode)
+        if self.base_learner is not None:
+            self.base_learner.eval()  # frozen: ignore the parent's .train()
+        return self
+
+    def base_logits(self, high: Tensor) -> Tensor:
+        """The frozen base learner on high-level features [B, Ch, h, w] -> logits
+        [B, N + 1, h, w] over the stage-1 base classes + background (BAM's ensemble input)."""
+        if self.base_learner is None:
+            raise RuntimeError("this model has no base learner: train it with base_ckpt=")
+        with torch.no_grad():
+            return self.base_learner(high)
 
     def forward(
         self,

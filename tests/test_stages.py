@@ -1,0 +1,138 @@
+"""BAM's two stages end to end on tiny data: ``cgmgm.train_base`` then ``cgmgm.train
+base_ckpt=``, the exact handover of the fine-tuned backbone and base learner, the checks that
+refuse another setting's checkpoint, and evaluation of a stage-2 checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from _model_helpers import TINY_DATA
+from cgmgm.config import config_dir
+from cgmgm.eval import build_module
+from cgmgm.lit_base import LitBase
+from cgmgm.models.resize import resize
+from cgmgm.train import train
+from cgmgm.train_base import train_base
+
+QUIET = ["trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
+STAGE1 = [
+    "dataset.dataset_kwargs.image_size=32",
+    "dataset.dataset_kwargs.num_images={train:24,val:12}",
+    "base.batch_size=4",
+    "trainer.max_epochs=2",
+    *QUIET,
+]
+STAGE2 = [
+    *TINY_DATA,
+    "dataset.test_episodes=8",
+    "model.proj_dim=32",
+    "model.gmm.iters=3",
+    "trainer.max_epochs=1",
+    *QUIET,
+]
+
+
+def _cfg(name: str, out: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(name, overrides=[f"paths.output_dir={out}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("stage1")
+    metrics = train_base(_cfg("train_base", out, *STAGE1))
+    return {"out": out, "metrics": metrics}
+
+
+def test_stage1_writes_base_metrics_and_best_checkpoint(stage1):
+    saved = json.loads((stage1["out"] / "metrics.json").read_text())
+    base = list(range(6, 21))  # fold 0 of the embedded benchmark: classes 1-5 are novel
+    assert saved["base_class_ids"] == base
+    per_class = [saved[k] for c in base if (k := f"val/IoU/class_{c}") in saved]
+    assert per_class and all(0 <= v <= 100 for v in per_class)
+    assert saved["val/mIoU"] == pytest.approx(sum(per_class) / len(per_class), abs=1e-3)
+    assert saved["val/classes_present"] == len(per_class)
+    assert Path(saved["base_ckpt"]).is_file() and Path(saved["base_ckpt"]).name == "best.ckpt"
+    assert saved["stage"] == 1 and saved["fold"] == 0 and saved["train_images"] == 24
+    assert "bam_reported_base_mIoU" not in saved  # only beside PASCAL / COCO runs
+    ckpt = torch.load(saved["base_ckpt"], map_location="cpu", weights_only=True)
+    assert any(k.startswith("net.head.ppm.") for k in ckpt["state_dict"])
+
+
+def test_stage2_takes_backbone_and_base_learner_exactly(stage1, tmp_path):
+    base_ckpt = stage1["metrics"]["base_ckpt"]
+    metrics = train(_cfg("train", tmp_path, *STAGE2, f"base_ckpt={base_ckpt}"))
+    assert metrics["stage1"]["base_ckpt"] == base_ckpt
+    assert metrics["stage1"]["base_ckpt_kind"] == "cgmgm"
+    one = torch.load(base_ckpt, map_location="cpu", weights_only=True)
+    two_path = next((tmp_path / "checkpoints").glob("best-*.ckpt"))
+    two = torch.load(two_path, map_location="cpu", weights_only=True)
+    s1, s2 = one["state_dict"], two["state_dict"]
+    body = [k for k in s1 if k.startswith("net.body.")]
+    assert body and all(torch.equal(s1[k], s2["model.backbone.body." + k[9:]]) for k in body)
+    head = [k for k in s1 if k.startswith("net.head.")]
+    assert all(torch.equal(s1[k], s2["model.base_learner." + k[9:]]) for k in head)
+
+    # the stage-2 checkpoint evaluates (its base learner comes back from its own weights)
+    # and reproduces stage 1's network in eval mode
+    cfg = _cfg("eval", tmp_path / "eval", *TINY_DATA, "protocol=bam", f"ckpt_path='{two_path}'")
+    module = build_module(cfg, [1, 2, 3, 4, 5], None, two)
+    net = LitBase.load_from_checkpoint(
+        base_ckpt,
+        map_location="cpu",
+        weights_only=True,
+        backbone={"name": "efficientnet_lite0", "weights": None},
+    ).net.eval()
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = net(images)
+        _, high = module.model.backbone(images)
+        got = module.model.base_logits(high)
+    torch.testing.assert_close(resize(got, (32, 32)), expected, atol=1e-5, rtol=1e-5)
+    assert not module.model.base_learner.training
+    module.train()
+    assert not module.model.base_learner.training and not module.model.backbone.training
+    assert not any(p.requires_grad for p in module.model.base_learner.parameters())
+
+
+def test_without_stage1_says_so(tmp_path):
+    metrics = train(_cfg("train", tmp_path, *STAGE2, "+trainer.fast_dev_run=true"))
+    assert metrics["stage1"]["base_ckpt"] is None and "no stage 1" in metrics["stage1"]["note"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("fold=1", r"fold: 0 \(checkpoint\) vs 1 \(this run\)"),
+        ("dataset=synthetic_shapes", r"dataset: synthetic \(checkpoint\) vs synthetic_shapes"),
+    ],
+)
+def test_stage2_refuses_another_settings_checkpoint(stage1, tmp_path, override, message):
+    base_ckpt = stage1["metrics"]["base_ckpt"]
+    overrides = STAGE2 if override.startswith("fold") else QUIET
+    with pytest.raises(ValueError, match=message):
+        train(_cfg("train", tmp_path, *overrides, override, f"base_ckpt={base_ckpt}"))
+
+
+def test_stage2_refuses_another_backbone(stage1, tmp_path):
+    base_ckpt = stage1["metrics"]["base_ckpt"]
+    with pytest.raises(ValueError, match=r"backbone: efficientnet_lite0 \(checkpoint\) vs vgg16"):
+        train(_cfg("train", tmp_path, *STAGE2, "backbone=vgg16", f"base_ckpt={base_ckpt}"))
+
+
+def test_stage2_checkpoint_is_not_a_base_checkpoint(tmp_path):
+    stage2 = tmp_path / "stage2.ckpt"  # what cgmgm.train saves: a model config, no base classes
+    hp = {"model": {}, "backbone": {"name": "efficientnet_lite0"}}
+    torch.save({"state_dict": {}, "hyper_parameters": hp}, stage2)
+    with pytest.raises(ValueError, match="not a cgmgm stage-1 checkpoint.*base_classes"):
+        train(_cfg("train", tmp_path / "run", *STAGE2, f"base_ckpt={stage2}"))
+
+
+def test_missing_base_checkpoint_names_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cgmgm.train_base"):
+        train(_cfg("train", tmp_path, *STAGE2, f"base_ckpt={tmp_path / 'nope.pth'}"))
