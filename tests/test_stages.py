@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from _model_helpers import TINY_DATA
-from cgmgm.config import config_dir
+from cgmgm.config import compose
 from cgmgm.eval import build_module
 from cgmgm.lit_base import LitBase
 from cgmgm.models.resize import resize
@@ -38,8 +37,7 @@ STAGE2 = [
 
 
 def _cfg(name: str, out: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(name, overrides=[f"paths.output_dir={out}", *overrides])
+    return compose(name, [f"paths.output_dir={out}", *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +134,24 @@ def test_stage2_checkpoint_is_not_a_base_checkpoint(tmp_path):
 def test_missing_base_checkpoint_names_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="cgmgm.train_base"):
         train(_cfg("train", tmp_path, *STAGE2, f"base_ckpt={tmp_path / 'nope.pth'}"))
+
+
+def test_stage1_on_fss_layout_with_bam_augmentation(tmp_path):
+    from _data_fixtures import fss_fixture
+
+    root = fss_fixture(tmp_path / "fss", classes=("a", "b", "c", "d"), per_class=5)
+    overrides = [
+        "dataset=fss1000",
+        f"dataset.root={root}",
+        "dataset.num_workers=0",
+        "fold=1",
+        "base.crop=32",  # BAM's stage-1 augmentation at a fixture's size
+        "base.batch_size=4",
+        "trainer.max_epochs=1",
+        *QUIET,
+    ]
+    metrics = train_base(_cfg("train_base", tmp_path / "run", *overrides))
+    assert metrics["base_class_names"] == ["a", "c", "d"]  # fold 1 of 4 blocks: "b" is novel
+    assert (metrics["train_images"], metrics["val_images"]) == (16, 4)
+    assert "held out" in metrics["val_split"]
+    assert 1 <= metrics["val/classes_present"] <= 3
