@@ -155,3 +155,20 @@ def test_stage1_on_fss_layout_with_bam_augmentation(tmp_path):
     assert (metrics["train_images"], metrics["val_images"]) == (16, 4)
     assert "held out" in metrics["val_split"]
     assert 1 <= metrics["val/classes_present"] <= 3
+
+
+def test_stage1_resumes_in_place(tmp_path):
+    first = train_base(_cfg("train_base", tmp_path, *STAGE1, "trainer.max_epochs=1"))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    resumed = train_base(
+        _cfg("train_base", tmp_path, *STAGE1, "trainer.max_epochs=2", f"ckpt_path={last}")
+    )
+    assert first["epochs"] == 1 and resumed["epochs"] == 2
+    assert (tmp_path / "metrics.earlier-1.json").is_file()  # the first run's numbers kept
+    # the best checkpoint's scores, whichever epoch it came from (re-validated when it
+    # predates the resume)
+    assert resumed["val/mIoU"] >= first["val/mIoU"] - 1e-6
+    with pytest.raises(ValueError, match="backbone=efficientnet_lite0"):
+        train_base(
+            _cfg("train_base", tmp_path / "x", *STAGE1, "backbone=vgg16", f"ckpt_path={last}")
+        )
