@@ -527,6 +527,13 @@ def test_bam_release_as_base_checkpoint(resnet, tmp_path):
         torch.testing.assert_close(head(high), expected, atol=1e-4, rtol=1e-4)
 
 
+def test_bam_release_outside_its_folders_is_refused(resnet):
+    from cgmgm.base_ckpt import load_base_checkpoint
+
+    with pytest.raises(ValueError, match="records no dataset or fold"):
+        load_base_checkpoint(resnet.best)  # <tmp>/best.pth: no pascal|coco/split<k> in it
+
+
 def test_backbone_only_file_is_not_a_base_checkpoint(resnet):
     from cgmgm.base_ckpt import load_base_checkpoint
 

@@ -60,6 +60,20 @@ def test_stage1_writes_base_metrics_and_best_checkpoint(stage1):
     assert "bam_reported_base_mIoU" not in saved  # only beside PASCAL / COCO runs
     ckpt = torch.load(saved["base_ckpt"], map_location="cpu", weights_only=True)
     assert any(k.startswith("net.head.ppm.") for k in ckpt["state_dict"])
+    # the reported scores are the best checkpoint's: validate it again and compare
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from cgmgm.data.base import BaseDataModule
+
+    cfg = _cfg("train_base", stage1["out"] / "again", *STAGE1)
+    data = BaseDataModule(instantiate(cfg.dataset, cache=False), **cfg.base)
+    module = LitBase.load_from_checkpoint(saved["base_ckpt"], map_location="cpu", weights_only=True)
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    again = trainer.validate(module, datamodule=data, verbose=False)[0]
+    assert again.keys() == {k for k in saved if k.startswith("val/")}
+    assert all(again[k] == pytest.approx(saved[k], abs=1e-4) for k in again)
+    assert saved["best_epoch"] in (0, 1)
 
 
 def test_stage2_takes_backbone_and_base_learner_exactly(stage1, tmp_path):
@@ -168,7 +182,36 @@ def test_stage1_resumes_in_place(tmp_path):
     # the best checkpoint's scores, whichever epoch it came from (re-validated when it
     # predates the resume)
     assert resumed["val/mIoU"] >= first["val/mIoU"] - 1e-6
+    with pytest.raises(ValueError, match=r"fold: 0 \(checkpoint\) vs 1 \(this run\)"):
+        train_base(_cfg("train_base", tmp_path / "y", *STAGE1, "fold=1", f"ckpt_path={last}"))
     with pytest.raises(ValueError, match="backbone=efficientnet_lite0"):
         train_base(
             _cfg("train_base", tmp_path / "x", *STAGE1, "backbone=vgg16", f"ckpt_path={last}")
         )
+
+
+def test_stage2_resumes_and_evaluates_on_its_stage1(stage1, tmp_path):
+    from cgmgm.eval import evaluate
+
+    base_ckpt = stage1["metrics"]["base_ckpt"]
+    train(_cfg("train", tmp_path, *STAGE2, f"base_ckpt={base_ckpt}"))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    # resumed without base_ckpt: the checkpoint holds the stage-1 weights and says whose
+    resumed = train(_cfg("train", tmp_path, *STAGE2, "trainer.max_epochs=2", f"ckpt_path={last}"))
+    assert resumed["stage1"]["base_ckpt"] == base_ckpt
+    other = tmp_path / "other.ckpt"
+    other.write_bytes(Path(base_ckpt).read_bytes())
+    with pytest.raises(ValueError, match="stands on base_ckpt="):
+        train(_cfg("train", tmp_path / "x", *STAGE2, f"ckpt_path={last}", f"base_ckpt={other}"))
+    # the eval app on the stage-2 checkpoint: its own weights, and the record of its stage 1
+    cfg = _cfg(
+        "eval",
+        tmp_path / "eval",
+        *TINY_DATA,
+        "dataset.test_episodes=8",
+        "eval.seeds=[0]",
+        *QUIET,
+        f"ckpt_path={last}",
+    )
+    metrics = evaluate(cfg)
+    assert metrics["stage1"]["base_ckpt"] == base_ckpt and 0 <= metrics["test/mIoU"] <= 100

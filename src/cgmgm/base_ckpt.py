@@ -7,7 +7,8 @@ Two kinds of file are read (:func:`load_base_checkpoint`):
   backbone and base classes it was trained on;
 - BAM's released stage-1 PSPNet, ``initmodel/PSPNet/{pascal,coco}/split{k}/{resnet50,vgg}/
   best.pth`` (read by :func:`cgmgm.models.backbone.split_bam_checkpoint`): it names no dataset,
-  fold or classes, so the path's ``{pascal,coco}/split{k}`` and the head's class count stand in.
+  fold or classes, so the path's ``{pascal,coco}/split{k}`` (required) and the head's class
+  count stand in.
 
 :func:`check_base_checkpoint` refuses a file whose dataset, fold, backbone or base classes
 differ from the run's, naming both.
@@ -52,7 +53,7 @@ class BaseCheckpoint:
             "base_ckpt_dataset": self.dataset,
             "base_ckpt_fold": self.fold,
             "base_ckpt_backbone": self.backbone,
-            "base_classes": self.num_classes - 1,
+            "base_learner_classes": self.num_classes,
         }
 
 
@@ -63,6 +64,10 @@ def load_base_checkpoint(path: str | Path) -> BaseCheckpoint:
     from cgmgm.models.backbone import bam_checkpoint_info, read_state_dict, split_bam_checkpoint
 
     path = Path(path).expanduser()
+    if path.is_dir():
+        best = path / "checkpoints" / "best.ckpt"
+        hint = f" (e.g. base_ckpt={best})" if best.is_file() else ""
+        raise IsADirectoryError(f"base_ckpt={path} is a directory; pass a checkpoint file{hint}")
     if path.is_file() and path.suffix == ".ckpt":
         ckpt = load_checkpoint(path, stage=1, key="base_ckpt")
         hp, state = ckpt["hyper_parameters"], ckpt["state_dict"]
@@ -82,7 +87,7 @@ def load_base_checkpoint(path: str | Path) -> BaseCheckpoint:
     if not path.is_file():
         raise FileNotFoundError(
             f"base_ckpt={path}: no such file; pass a stage-1 checkpoint (python -m "
-            "cgmgm.train_base writes <run>/checkpoints/best-*.ckpt) or BAM's "
+            "cgmgm.train_base writes <run>/checkpoints/best.ckpt) or BAM's "
             "initmodel/PSPNet/<dataset>/split<k>/<backbone>/best.pth"
         )
     state = read_state_dict(path)
@@ -94,13 +99,21 @@ def load_base_checkpoint(path: str | Path) -> BaseCheckpoint:
             "only). Pass it as backbone.weights= instead, and base_ckpt= a stage-1 checkpoint "
             "(cgmgm.train_base's, or BAM's initmodel/PSPNet/.../best.pth)"
         )
-    hint = _BAM_PATH.search(str(path))
+    hint = _BAM_PATH.search(str(path.resolve()))
+    if hint is None:  # BAM's file records no dataset or fold: its folder names them
+        raise ValueError(
+            f"base_ckpt={path} is a BAM stage-1 checkpoint ({layout}), which records no "
+            "dataset or fold, and its path does not name them as BAM's release does "
+            "(initmodel/PSPNet/<pascal|coco>/split<k>/<resnet50|vgg>/best.pth). Every fold "
+            "has as many base classes, so nothing else could tell another fold's file apart: "
+            "keep the file under BAM's folder names"
+        )
     return BaseCheckpoint(
         path=path.resolve(),
         kind="bam",
         backbone=str(info["backbone"]),
-        dataset=_BAM_DATASET[hint.group(1).lower()] if hint else None,
-        fold=int(hint.group(2)) if hint else None,
+        dataset=_BAM_DATASET[hint.group(1).lower()],
+        fold=int(hint.group(2)),
         num_classes=int(info["num_classes"]),
         base_class_names=None,
         body=body,

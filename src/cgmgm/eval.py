@@ -216,6 +216,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         metrics["seeds"] = seeds
         metrics["feature_cache"] = {**cache, **module.feature_cache_stats()}
         metrics["ckpt_path"] = str(cfg.ckpt_path) if cfg.ckpt_path else None
+        if "stage1" in meta:  # what the checkpoint's frozen backbone stands on
+            metrics["stage1"] = meta["stage1"]
         metrics["wall_time_s"] = round(time.perf_counter() - start, 1)
         if trainer.is_global_zero:
             for logger in trainer.loggers:

@@ -9,7 +9,8 @@
   ``backbone_lr_mult`` (PASCAL 1x; COCO 10x: every group).
 - Validation: a confusion matrix over every validation pixel (torchmetrics, summed over
   processes), scored by :func:`cgmgm.metrics.semantic_results`: per-class IoU and the mIoU of
-  the base classes without background, ``val/mIoU`` (the best checkpoint's monitor).
+  the base classes without background, ``val/mIoU`` (the best checkpoint's monitor). Each
+  checkpoint also holds the scores of the validation it was saved after (``val_results``).
 
 The checkpoint holds the weights (``net.body.*``, ``net.head.*``) and, in its hyper-parameters,
 what stage 2 checks before taking them (:func:`cgmgm.base_ckpt.load_base_checkpoint`): the
@@ -79,9 +80,9 @@ class LitBase(L.LightningModule):
         n = len(self.base_classes) + 1
         self.net = PSPNet(build_backbone(bb["name"], bb["weights"]), n)
         self.val_cm = MulticlassConfusionMatrix(n, ignore_index=IGNORE_INDEX)
-        # the best validation of this process's fit (what the best checkpoint scored), so the
-        # app need not validate that checkpoint again; not state: checkpoints never hold it
-        self.best_results: dict[str, float] | None = None
+        # the last validation's scores, saved with every checkpoint (``val_results``): the
+        # best checkpoint carries its own scores, so nothing is validated twice
+        self.last_results: dict[str, float] | None = None
 
     @property
     def class_ids(self) -> list[int]:
@@ -126,8 +127,8 @@ class LitBase(L.LightningModule):
                 "base mIoU to monitor: check the dataset's evaluation split and fold"
             )
         self.log_dict(results)
-        best = self.best_results
-        if not self.trainer.sanity_checking and (
-            best is None or results["val/mIoU"] > best["val/mIoU"]
-        ):
-            self.best_results = {**results, "best_epoch": float(self.current_epoch)}
+        self.last_results = {**results, "epoch": float(self.current_epoch)}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.last_results is not None:
+            checkpoint["val_results"] = dict(self.last_results)

@@ -308,19 +308,21 @@ def semantic_results(
     every image (torchmetrics ``MulticlassConfusionMatrix`` with ``ignore_index=255``).
 
     Per-class IoU = diag / (row + column - diag) as ``{prefix}IoU/class_<id>`` (percent) for
-    the base classes that occur in the targets or the predictions; ``{prefix}mIoU`` = their
-    mean without background (BAM's stage-1 validation); ``{prefix}classes_present`` counts
-    them (a class with no pixel anywhere has no IoU and is not averaged).
+    the base classes with target pixels in the validation set; ``{prefix}mIoU`` = their mean,
+    without background (BAM's stage-1 validation); ``{prefix}classes_present`` counts them. The
+    averaged classes are fixed by the labels, never by the predictions (a class without any
+    target pixel has no IoU; BAM's validation sets hold every base class).
     """
     cm = confmat.double()
-    inter = cm.diagonal()  # [N + 1]
-    union = cm.sum(0) + cm.sum(1) - inter  # [N + 1]
     if len(class_ids) + 1 != cm.shape[0]:
         raise ValueError(f"{len(class_ids)} class ids for a {tuple(cm.shape)} confusion matrix")
+    inter = cm.diagonal()  # [N + 1]
+    target = cm.sum(1)  # [N + 1] target pixels per class
+    union = target + cm.sum(0) - inter  # [N + 1]
     out: dict[str, float] = {}
     ious = []
     for j, cid in enumerate(class_ids, start=1):
-        if union[j] > 0:
+        if target[j] > 0:
             iou = float(100.0 * inter[j] / union[j])
             out[f"{prefix}IoU/class_{int(cid)}"] = iou
             ious.append(iou)

@@ -61,8 +61,8 @@ class SaveOnInterrupt(L.Callback):
     ``last.ckpt`` that resuming reads) before Lightning's graceful shutdown, and say how to
     resume. Single-process runs only (under DDP, ranks may not all reach the save)."""
 
-    def __init__(self, dirpath: str, filename: str = "last.ckpt") -> None:
-        self.dirpath, self.filename = Path(dirpath), filename
+    def __init__(self, dirpath: str, filename: str = "last.ckpt", app: str = "cgmgm.train") -> None:
+        self.dirpath, self.filename, self.app = Path(dirpath), filename, app
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
@@ -77,7 +77,7 @@ class SaveOnInterrupt(L.Callback):
         trainer.save_checkpoint(path)
         print(
             f"\ninterrupted in epoch {trainer.current_epoch} (step {trainer.global_step}): saved "
-            f"{path}; resume with `python -m cgmgm.train hydra.run.dir="
+            f"{path}; resume with `python -m {self.app} hydra.run.dir="
             f"{trainer.default_root_dir} ckpt_path={path}` (and this run's other overrides)",
             file=sys.stderr,
         )
@@ -119,6 +119,23 @@ def _check_resume_fits(ckpt: dict[str, Any], module: LitCGMGM, cfg: DictConfig) 
         )
 
 
+def _resumed_stage1(resume: dict[str, Any], cfg: DictConfig) -> dict[str, Any]:
+    """The stage-1 record of a checkpoint being resumed; ``base_ckpt`` may only name its own
+    stage-1 file (the weights come from the checkpoint either way)."""
+    hp = resume["hyper_parameters"]
+    stage1 = dict((hp.get("meta") or {}).get("stage1") or {})
+    stage1["base_learner_classes"] = hp.get("base_learner_classes")
+    if cfg.base_ckpt:
+        given = str(Path(str(cfg.base_ckpt)).expanduser().resolve())
+        if given != stage1.get("base_ckpt"):
+            raise ValueError(
+                f"ckpt_path={cfg.ckpt_path} stands on base_ckpt={stage1.get('base_ckpt')}, not "
+                f"{given}: resume without base_ckpt (the checkpoint holds its stage-1 weights), "
+                "or start a new run on the other stage 1"
+            )
+    return stage1
+
+
 def _stage1_record(cfg: DictConfig, base: Any) -> dict[str, Any]:
     """What the frozen backbone stands on, for metrics.json and the checkpoint."""
     if base is not None:
@@ -151,7 +168,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         _check_resume_backbone(resume, cfg)
     # The frozen backbone stays in eval mode on purpose (LitCGMGM checks it every epoch).
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
-    base = load_base_checkpoint(cfg.base_ckpt) if cfg.base_ckpt else None
+    base, stage1 = None, None
+    if resume is not None:  # the checkpoint holds its stage-1 weights (and says which file)
+        stage1 = _resumed_stage1(resume, cfg)
+    elif cfg.base_ckpt:
+        base = load_base_checkpoint(cfg.base_ckpt)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     check_protocol(cfg, datamodule)
@@ -166,7 +187,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             ),
         )
     info = run_info(cfg, to_plain(cfg.model), to_plain(cfg.backbone))
-    info.update(_stage1_record(cfg, base))
+    info.update(_stage1_record(cfg, base) if stage1 is None else {"stage1": stage1})
     if hasattr(datamodule, "class_record"):  # checkpoints carry the classes trained on, so
         classes = datamodule.class_record(training=True)  # that cgmgm.eval can refuse them
         info["train_class_names"] = classes["train_class_names"]
@@ -180,7 +201,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         seed=int(cfg.seed),
         meta=info,
         protocol=str(cfg.protocol),
-        base_learner_classes=base.num_classes if base is not None else None,
+        base_learner_classes=(
+            base.num_classes
+            if base is not None
+            else (stage1 or {}).get("base_learner_classes")  # a resumed stage 2
+        ),
     )
     if base is not None:
         module.load_base(base)

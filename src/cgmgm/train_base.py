@@ -25,6 +25,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -53,19 +54,15 @@ def train_base(cfg: DictConfig) -> dict[str, Any]:
     """Fit the base learner, validate its best checkpoint, write metrics.json; returns it."""
     start = time.perf_counter()
     out_dir = Path(cfg.paths.output_dir)
-    if cfg.ckpt_path:
-        ckpt = load_checkpoint(cfg.ckpt_path, stage=1)
-        trained = ckpt["hyper_parameters"]["backbone"]["name"]
-        if trained != cfg.backbone.name:
-            raise ValueError(
-                f"ckpt_path={cfg.ckpt_path} was trained with backbone={trained}, this run has "
-                f"backbone={cfg.backbone.name}: resume it with backbone={trained}"
-            )
+    resume = load_checkpoint(cfg.ckpt_path, stage=1) if cfg.ckpt_path else None
     L.seed_everything(cfg.seed, workers=True)
     episodic = instantiate(cfg.dataset, cache=False)  # stage 1 augments: no feature cache
     check_protocol(cfg, episodic)
     data = BaseDataModule(episodic, seed=int(cfg.seed), **to_plain(cfg.base))
     dataset = str(cfg.dataset.get("dataset", ""))
+    if resume is not None:
+        _check_resume(resume["hyper_parameters"], cfg, dataset, data.base_classes)
+        del resume
     split = data.split_record()
     meta = {
         "stage": 1,
@@ -100,18 +97,20 @@ def train_base(cfg: DictConfig) -> dict[str, Any]:
         trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path or None, weights_only=True)
         best = next((c for c in trainer.checkpoint_callbacks if c.monitor == "val/mIoU"), None)
         path = (best.best_model_path or None) if best is not None else None
-        score = None if best is None or best.best_model_score is None else best.best_model_score
-        kept = module.best_results
-        if kept is not None and score is not None and abs(kept["val/mIoU"] - float(score)) < 1e-6:
-            results = dict(kept)  # the best checkpoint's own validation in this fit
-        else:  # e.g. a resumed run whose best epoch came before the resume: validate it again
-            results = trainer.validate(module, datamodule=data, ckpt_path=path, weights_only=True)[
-                0
-            ]
-        metrics: dict[str, Any] = {k: float(v) for k, v in results.items()}
+        results = None
+        if path:  # the scores the best checkpoint was saved with
+            results = torch.load(path, map_location="cpu", weights_only=True).get("val_results")
+        if results is None:  # no validation behind it (e.g. saved by an older version)
+            validated = trainer.validate(module, datamodule=data, ckpt_path=path, weights_only=True)
+            results = validated[0]
+        metrics: dict[str, Any] = {k: float(v) for k, v in results.items() if k != "epoch"}
+        if "epoch" in results:
+            metrics["best_epoch"] = int(results["epoch"])
         metrics["base_ckpt"] = str(Path(path).resolve()) if path else None
         metrics.update(meta)
         reported = BAM_REPORTED_BASE_MIOU.get(dataset)
+        if cfg.backbone.name != "resnet50_psp":  # BAM's numbers are of its ResNet-50
+            reported = None
         if reported is not None and 0 <= int(cfg.fold) < len(reported):
             metrics["bam_reported_base_mIoU"] = reported[int(cfg.fold)]
         metrics["epochs"] = int(trainer.current_epoch)
@@ -136,6 +135,25 @@ def train_base(cfg: DictConfig) -> dict[str, Any]:
     finally:
         finish_loggers(failed)
     return metrics
+
+
+def _check_resume(hp: dict[str, Any], cfg: DictConfig, dataset: str, base: list[int]) -> None:
+    """A resumed stage-1 checkpoint must be of this run's backbone, dataset, fold and classes
+    (else its best.ckpt would record one setting and hold weights of another)."""
+    meta = hp.get("meta") or {}
+    pairs = [
+        ("backbone", hp["backbone"]["name"], str(cfg.backbone.name)),
+        ("dataset", meta.get("dataset"), dataset),
+        ("fold", meta.get("fold"), int(cfg.fold)),
+        ("base classes", list(hp["base_classes"]), list(base)),
+    ]
+    diffs = [f"{k}: {a} (checkpoint) vs {b} (this run)" for k, a, b in pairs if a != b]
+    if diffs:
+        raise ValueError(
+            f"ckpt_path={cfg.ckpt_path} was trained for another setting: {'; '.join(diffs)}. "
+            f"Resume it with its own settings (e.g. backbone={pairs[0][1]} fold={pairs[2][1]}),"
+            " or start a new run without ckpt_path"
+        )
 
 
 def _names_by_id(episodic: Any, data: BaseDataModule) -> list[str] | None:

@@ -13,7 +13,8 @@ run's :class:`~cgmgm.data.datamodule.EpisodicDataModule` (the same ``dataset`` c
   0.5-2.0, rotation, blur, flip, the crop drawn again up to 30 times until 85% of the labelled
   pixels survive); a dataset without augmentation (the embedded benchmark) or with
   ``train_transform: test`` keeps its own.
-- validation: the evaluation split with the protocol's test resize, scored on the base classes.
+- validation: the evaluation split with the protocol's test resize at BAM's stage-1 size
+  (longer side 417, padded), scored on the base classes.
   When the evaluation split holds the same images as the training split (an FSS-1000-layout
   folder, whose folds split classes, not images), every ``holdout``-th image is kept out of
   training for validation, and :meth:`BaseDataModule.split_record` says so.
@@ -30,9 +31,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cgmgm.constants import IGNORE_INDEX
-from cgmgm.data.datamodule import EpisodicDataModule
+from cgmgm.data.datamodule import EpisodicDataModule, ShardedEvalSampler, pin_for, world_of
 from cgmgm.data.episodes import SegmentationSource, Transform
-from cgmgm.data.transforms import BAMTrainTransform
+from cgmgm.data.transforms import BAMTrainTransform, PadResize
 
 __all__ = ["BaseDataModule", "BaseImages", "base_label_table"]
 
@@ -102,6 +103,8 @@ class BaseDataModule(L.LightningDataModule):
         batch_size, eval_batch_size: images per batch (BAM: 12 in total, over 4 GPUs).
         holdout: every ``holdout``-th image is the validation set when the evaluation split
             holds the training images.
+        val_size: validation images under the protocol's padded test resize get it at this
+            size (BAM's stage-1 ``val_size``, 417); other datasets keep their own.
         seed: seed of the augmentation and of the training order.
     """
 
@@ -115,6 +118,7 @@ class BaseDataModule(L.LightningDataModule):
         batch_size: int = 12,
         eval_batch_size: int = 4,
         holdout: int = 5,
+        val_size: int = 417,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -146,7 +150,12 @@ class BaseDataModule(L.LightningDataModule):
                 crop_keep=float(crop_keep),
             )
         self.train_set = BaseImages(train_src, self.base_classes, kept, augment)
-        self.val_set = BaseImages(eval_src, self.base_classes, held, episodic.eval_transform)
+        val_resize = episodic.eval_transform
+        if isinstance(val_resize, PadResize):  # the protocol's test resize at BAM's base size
+            val_resize = PadResize(
+                size=int(val_size), round_to=val_resize.round_to, image_fill=val_resize.image_fill
+            )
+        self.val_set = BaseImages(eval_src, self.base_classes, held, val_resize)
 
     @property
     def num_classes(self) -> int:
@@ -174,24 +183,31 @@ class BaseDataModule(L.LightningDataModule):
             ),
         }
 
-    def _loader(self, ds: BaseImages, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(
+        self, ds: BaseImages, batch_size: int, sampler: Any = None, **kw: Any
+    ) -> DataLoader:
         workers = self.episodic.num_workers
-        gen = torch.Generator().manual_seed(self.seed) if shuffle else None
-        trainer = self.trainer
-        pin = trainer is not None and trainer.strategy.root_device.type == "cuda"
         return DataLoader(
             ds,
             batch_size=batch_size,
-            shuffle=shuffle,
-            generator=gen,
-            drop_last=shuffle and len(ds) >= batch_size,
+            sampler=sampler,
             num_workers=workers,
             persistent_workers=workers > 0,
-            pin_memory=pin,
+            pin_memory=pin_for(self.trainer, self.episodic.pin_memory),
+            **kw,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
+        # shuffled by a seeded generator (under DDP Lightning shards it with its sampler)
+        gen = torch.Generator().manual_seed(self.seed)
+        drop = len(self.train_set) >= self.batch_size
+        return self._loader(
+            self.train_set, self.batch_size, shuffle=True, generator=gen, drop_last=drop
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
+        # every validation image exactly once over the processes (no padding): the summed
+        # confusion matrix equals one process's
+        replicas, rank = world_of(self.trainer)
+        sampler = ShardedEvalSampler(self.val_set, replicas, rank) if replicas > 1 else None
+        return self._loader(self.val_set, self.eval_batch_size, sampler=sampler, shuffle=False)

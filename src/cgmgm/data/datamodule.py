@@ -32,7 +32,9 @@ __all__ = [
     "EpisodicDataModule",
     "ShardedEvalSampler",
     "build_source",
+    "pin_for",
     "register_source",
+    "world_of",
 ]
 
 SOURCES: dict[str, Callable[..., SegmentationSource]] = {}
@@ -108,6 +110,22 @@ class ShardedEvalSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+def world_of(trainer: Any) -> tuple[int, int]:
+    """(num_replicas, rank) of the run of ``trainer`` (or of torch.distributed; else (1, 0))."""
+    if trainer is not None and trainer.world_size > 1:
+        return trainer.world_size, trainer.global_rank
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def pin_for(trainer: Any, pin_memory: bool | str) -> bool:
+    """DataLoader ``pin_memory``: as given, or for "auto" whether ``trainer`` runs on CUDA."""
+    if pin_memory != "auto":
+        return bool(pin_memory)
+    return trainer is not None and trainer.strategy.root_device.type == "cuda"
 
 
 def _plain(x: Any) -> Any:
@@ -457,12 +475,7 @@ class EpisodicDataModule(L.LightningDataModule):
 
     def _world(self) -> tuple[int, int]:
         """(num_replicas, rank) of the current run."""
-        trainer = self.trainer
-        if trainer is not None and trainer.world_size > 1:
-            return trainer.world_size, trainer.global_rank
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_world_size(), dist.get_rank()
-        return 1, 0
+        return world_of(self.trainer)
 
     def cache_record(self, training: bool = True) -> dict[str, str]:
         """For training (with ``training``) and evaluation episodes: "on", or "off: <why>"
@@ -476,10 +489,7 @@ class EpisodicDataModule(L.LightningDataModule):
         return out
 
     def _pin(self) -> bool:
-        if self.pin_memory != "auto":
-            return bool(self.pin_memory)
-        trainer = self.trainer
-        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+        return pin_for(self.trainer, self.pin_memory)
 
     def _loader(self, ds: EpisodeDataset, batch_size: int, **kw: Any) -> DataLoader:
         return DataLoader(
