@@ -204,3 +204,18 @@ def test_fss_layout_holds_out_every_kth_image(tmp_path):
     assert not set(data.train_set.indices) & set(data.val_set.indices)
     assert "held out" in rec["val_split"]
     assert data.class_names == ["background", "a", "c", "d"]
+
+
+def test_augmentation_streams_differ_across_ddp_ranks(monkeypatch):
+    image = np.random.default_rng(0).integers(0, 255, (120, 120, 3), dtype=np.uint8)
+    mask = np.zeros((120, 120), np.uint8)
+
+    def draws(rank: int) -> list[np.ndarray]:
+        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: rank is not None)
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda: rank)
+        t = BAMTrainTransform(size=64, seed=5)
+        return [t(image, mask)[0] for _ in range(3)]
+
+    single, rank0, rank1 = draws(None), draws(0), draws(1)
+    assert all(np.array_equal(a, b) for a, b in zip(single, rank0, strict=True))  # unchanged
+    assert not all(np.array_equal(a, b) for a, b in zip(rank0, rank1, strict=True))

@@ -57,8 +57,9 @@ class BAMTrainTransform:
         flip_p: probability of the horizontal flip.
         fill: image padding value (BAM: the ImageNet mean in 0..255).
         ignore_index: mask padding value.
-        seed: seed of the augmentation stream. Inside a DataLoader worker the stream is
-            re-seeded from ``(seed, worker seed)`` so workers never repeat each other.
+        seed: seed of the augmentation stream. Inside a DataLoader worker, or on a DDP rank
+            other than 0, the stream is re-seeded from ``(seed, worker seed, rank)`` so workers
+            and processes never repeat each other.
 
         crop_retries: BAM's crop retries: the crop is drawn again, up to this many times,
             until at least ``crop_keep`` of the mask's labelled pixels (values other than 0 and
@@ -122,15 +123,20 @@ class BAMTrainTransform:
         self.crop = A.Compose([A.RandomCrop(height=self.size, width=self.size)], seed=self.seed + 1)
         self.crop_retries, self.crop_keep = int(crop_retries), float(crop_keep)
         self.ignore_index = int(ignore_index)
-        self._seeded_for: int | None = None
+        self._seeded_for: tuple[int | None, int] | None = None
 
     def _reseed_for_worker(self) -> None:
         info = torch.utils.data.get_worker_info()
-        key = None if info is None else int(info.seed)
+        dist = torch.distributed
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        key = (None if info is None else int(info.seed), rank)
         if key != self._seeded_for:
+            # one stream per (DataLoader worker, process): DDP ranks never repeat each other
+            parts = [] if key[0] is None else [key[0] % 2**63]
+            parts += [rank] if rank else []
             seed = self.seed
-            if key is not None:
-                seed = int(np.random.SeedSequence([self.seed, key % 2**63]).generate_state(1)[0])
+            if parts:
+                seed = int(np.random.SeedSequence([self.seed, *parts]).generate_state(1)[0])
             self.compose.set_random_seed(seed)
             self.crop.set_random_seed(seed + 1)
             self._seeded_for = key
