@@ -191,3 +191,12 @@ def test_paper_recipes_ride_with_their_datasets(tmp_path):
     pascal = _compose("train", ["dataset=pascal"], tmp_path)
     assert (pascal.model.gmm.components, pascal.trainer.max_epochs) == (3, 200)
     assert pascal.optim.lr == pytest.approx(0.005)
+
+
+def test_stage2_clips_gradients_and_the_user_can_turn_it_off():
+    from cgmgm.config import compose
+
+    assert compose("train", []).trainer.gradient_clip_val == 10.0
+    assert compose("train", ["trainer=gpu"]).trainer.gradient_clip_val == 10.0
+    assert compose("train", ["trainer.gradient_clip_val=null"]).trainer.gradient_clip_val is None
+    assert compose("train_base", []).trainer.get("gradient_clip_val") is None  # BAM's stage 1
