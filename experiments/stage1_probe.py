@@ -71,14 +71,13 @@ def probe(overrides: list[str], base_ckpt: str | None) -> dict:
     start = time.perf_counter()
     with torch.no_grad():
         for batch in dm.test_dataloader():
-            q, s = batch["query_img"], batch["support_imgs"]  # [B, 3, H, W], [B, K, 3, H, W]
-            b, k = s.shape[:2]
-            keys = batch["image_keys"]
-            rows = list(keys[0]) + [keys[1 + j][i] for i in range(b) for j in range(k)]
-            mid, high = cache.features(backbone, torch.cat([q, s.flatten(0, 1)]), rows)
+            q = batch["query_img"]  # [B, 3, H, W]
+            q_feats, s_feats = cache.episode_features(
+                backbone, q, batch["support_imgs"], batch["image_keys"]
+            )
             args = (
-                (mid[:b], high[:b]),
-                (mid[b:], high[b:]),
+                q_feats,
+                s_feats,
                 batch["support_masks"],
                 batch.get("query_valid"),
                 tuple(q.shape[-2:]),

@@ -239,3 +239,26 @@ class FeatureCache:
         mid = torch.stack([found[k][0] for k in keys]).to(device)  # [N, Cm, h, w]
         high = torch.stack([found[k][1] for k in keys]).to(device)  # [N, Ch, h, w]
         return mid, high
+
+    def episode_features(
+        self,
+        backbone: nn.Module,
+        query_img: Tensor,
+        support_imgs: Tensor,
+        image_keys: Sequence[Sequence[str]],
+    ) -> tuple[Features, Features]:
+        """:meth:`features` of an episode batch: query_img [B, 3, H, W], support_imgs
+        [B, K, 3, H, W] and its ``image_keys`` (K + 1 sequences of B keys, query first, as a
+        DataLoader collates episodes) -> (query (mid [B, Cm, h, w], high [B, Ch, h, w]),
+        support (mid [B*K, Cm, h, w], high [B*K, Ch, h, w]) in ``support_imgs.flatten(0, 1)``
+        order)."""
+        b, k = support_imgs.shape[:2]
+        if len(image_keys) != k + 1 or any(len(col) != b for col in image_keys):
+            raise ValueError(
+                f"image_keys must be K + 1 = {k + 1} sequences of B = {b} keys (a DataLoader "
+                "batch of episodes); batch single episodes with torch.utils.data.default_collate"
+            )
+        rows = list(image_keys[0]) + [image_keys[1 + j][i] for i in range(b) for j in range(k)]
+        images = torch.cat([query_img, support_imgs.flatten(0, 1)])  # [B + B*K, 3, H, W]
+        mid, high = self.features(backbone, images, rows)
+        return (mid[:b], high[:b]), (mid[b:], high[b:])

@@ -246,24 +246,13 @@ class LitCGMGM(L.LightningModule):
                 batch["support_masks"],
                 batch.get("query_valid"),
             )
-        query_img, support_imgs = (
-            batch["query_img"],
-            batch["support_imgs"],
-        )  # [B, 3, H, W], [B, K, 3, H, W]
-        b, k = support_imgs.shape[:2]
-        # keys: K + 1 tuples of B keys (query, then each shot) -> rows: queries, then supports
-        # in [B, K] order, as support_imgs.flatten(0, 1)
-        if len(keys) != k + 1 or any(len(col) != b for col in keys):
-            raise ValueError(
-                f"image_keys must be K + 1 = {k + 1} sequences of B = {b} keys (a DataLoader "
-                "batch of episodes); batch single episodes with torch.utils.data.default_collate"
-            )
-        rows = list(keys[0]) + [keys[1 + j][i] for i in range(b) for j in range(k)]
-        images = torch.cat([query_img, support_imgs.flatten(0, 1)])  # [B + B*K, 3, H, W]
-        mid, high = cache.features(self.model.backbone, images, rows)
+        query_img = batch["query_img"]  # [B, 3, H, W]
+        query, support = cache.episode_features(
+            self.model.backbone, query_img, batch["support_imgs"], keys
+        )
         return self.model.from_features(
-            (mid[:b], high[:b]),  # [B, Cm, h, w], [B, Ch, h, w]
-            (mid[b:], high[b:]),  # [B*K, Cm, h, w], [B*K, Ch, h, w]
+            query,  # ([B, Cm, h, w], [B, Ch, h, w])
+            support,  # ([B*K, Cm, h, w], [B*K, Ch, h, w])
             batch["support_masks"],
             batch.get("query_valid"),
             tuple(query_img.shape[-2:]),

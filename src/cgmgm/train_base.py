@@ -79,7 +79,7 @@ def train_base(cfg: DictConfig) -> dict[str, Any]:
         backbone=to_plain(cfg.backbone),
         base_classes=data.base_classes,
         optim=to_plain(cfg.optim),
-        class_names=_names_by_id(episodic, data),
+        class_names=_names_by_id(episodic),
         seed=int(cfg.seed),
         meta=meta,
     )
@@ -156,7 +156,7 @@ def _check_resume(hp: dict[str, Any], cfg: DictConfig, dataset: str, base: list[
         )
 
 
-def _names_by_id(episodic: Any, data: BaseDataModule) -> list[str] | None:
+def _names_by_id(episodic: Any) -> list[str] | None:
     """Class names indexed by class id (0 = background), as the table and figures read them."""
     names = getattr(episodic.source(episodic.train_split), "class_names", None)
     return [str(n) for n in names] if names is not None else None
