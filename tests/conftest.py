@@ -12,9 +12,10 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 class TinyBackbone(nn.Module):
-    """A frozen stand-in with the backbone contract: (mid, high) at output stride 8."""
+    """A frozen stand-in with the backbone contract: (mid, high) at output stride 8; mid's
+    first ``low_channels`` are the low-level features (BAM's layer2, for the Gram matrices)."""
 
-    mid_channels, high_channels = 12, 16
+    low_channels, mid_channels, high_channels = 6, 12, 16
 
     def __init__(self):
         super().__init__()

@@ -244,3 +244,45 @@ def test_imgr_on_inside_columns_equals_the_whole_map(kshot):
     assert torch.equal(out["coarse_mask"], coarse)
     assert torch.equal(out["initial_mask"], cycle_consistent(query, support, coarse, valid))
     assert out["initial_mask"].sum() > 0 and (out["cosine_prior"] * (1 - valid)).abs().sum() == 0
+
+
+def test_shot_weights_weigh_the_shots_priors():
+    """BAM's K-shot reweighting: each shot's normalised prior, summed with the shot weights
+    (brute force, one shot at a time), for the global prior, the local one and IMGR."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 5, 4, 6, generator=g, dtype=torch.float64)
+    s = torch.randn(2, 3, 5, 4, 6, generator=g, dtype=torch.float64)
+    m = (torch.rand(2, 3, 4, 6, generator=g) > 0.4).double()
+    valid = torch.ones(2, 1, 4, 6, dtype=torch.float64)
+    valid[0, :, 3:] = 0  # item 0: a padded row
+    w = torch.tensor([[0.2, 0.5, 0.3], [0.6, 0.1, 0.3]], dtype=torch.float64)
+    got = cosine_prior(q, s, m, valid, "mean", shot_weights=w)
+    for b in range(2):
+        shots = [
+            _prior_loop(q[b].numpy(), s[b, k : k + 1].numpy(), m[b, k : k + 1].numpy(), "mean",
+                        valid[b, 0].numpy())
+            for k in range(3)
+        ]  # fmt: skip
+        want = sum(float(w[b, k]) * shots[k] for k in range(3))
+        np.testing.assert_allclose(got[b, 0].numpy(), want, atol=1e-9)
+    # uniform weights are the plain mean; weights that are not give another map
+    third = torch.full((2, 3), 1 / 3, dtype=torch.float64)
+    torch.testing.assert_close(cosine_prior(q, s, m, valid, "mean", shot_weights=third),
+                               cosine_prior(q, s, m, valid, "mean"))  # fmt: skip
+    assert not torch.allclose(got, cosine_prior(q, s, m, valid, "mean"))
+    with pytest.raises(ValueError, match="kshot='mean'"):
+        cosine_prior(q, s, m, valid, "pool", shot_weights=w)
+    # the local prior: the same weighting on patch means
+    local = local_prior(q, s, m, 2, valid, "mean", shot_weights=w)
+    per_shot = [
+        local_prior(q, s[:, k : k + 1], m[:, k : k + 1], 2, valid, "mean") for k in range(3)
+    ]
+    torch.testing.assert_close(
+        local, sum(w[:, k, None, None, None] * per_shot[k] for k in range(3))
+    )
+    # IMGR hands the weights to both priors
+    imgr = IMGR(img=True, imr=False, threshold=0.5, kshot="mean")
+    out = imgr(q, s, m, valid, w)
+    torch.testing.assert_close(out["cosine_prior"], got)
+    coarse = ((got + local) / 2 >= 0.5) & (valid > 0)
+    assert torch.equal(out["coarse_mask"] > 0, coarse)

@@ -19,7 +19,7 @@ def _episode(b=2, k=1, h=64, w=48, seed=0):
 
 
 @pytest.mark.parametrize("shots", [1, 5])
-@pytest.mark.parametrize("guidance", ["gmm", "cosine"])
+@pytest.mark.parametrize("guidance", [["posterior"], ["cosine"], ["cosine", "posterior"]])
 def test_output_shapes(tiny_backbone, shots, guidance):
     model = make_model(tiny_backbone, guidance=guidance, proj_dim=32, em_iters=3)
     q, s, m = _episode(k=shots)
@@ -27,7 +27,10 @@ def test_output_shapes(tiny_backbone, shots, guidance):
     assert out["logits"].shape == (2, 2, 64, 48)
     for key in ("guidance", "cosine_prior", "coarse_mask", "initial_mask"):
         assert out[key].shape == (2, 1, 8, 6), key
-    assert ("posterior" in out) == (guidance == "gmm")
+    assert out["meta_logits"].shape == (2, 2, 64, 48)
+    assert out["guidance_maps"].shape == (2, len(guidance), 8, 6)
+    assert ("posterior" in out) == ("posterior" in guidance)
+    assert torch.equal(out["logits"], out["meta_logits"])  # no base learner: no ensemble
     assert torch.isfinite(out["logits"]).all()
 
 
@@ -39,13 +42,14 @@ def test_real_backbone_5_shot_shapes():
     assert out["posterior"].shape == (1, 1, 13, 9)
 
 
-def test_gradient_reaches_projection_through_the_posterior(tiny_backbone):
+def test_gradient_reaches_down_query_through_the_posterior(tiny_backbone):
     model = make_model(tiny_backbone, proj_dim=16, em_iters=3)
     q, s, m = _episode()
     out = model(q, s, m)
     out["posterior"].sum().backward()  # only the GMM path: IMGR masks are not differentiable
-    grad = model.proj[0].weight.grad
+    grad = model.meta.down_query[0].weight.grad  # the mixtures live in down_query's space
     assert grad is not None and grad.abs().sum() > 0
+    assert model.meta.down_supp[0].weight.grad is None  # the prototype is not on this path
     assert all(p.grad is None for p in model.backbone.parameters())
 
 
@@ -59,12 +63,14 @@ def test_gmm_grad_switch_cuts_the_posterior_path(tiny_backbone):
     with_grad = make_model(tiny_backbone, proj_dim=16, em_iters=3)
     with_grad.load_state_dict(model.state_dict())
     with_grad(q, s, m)["posterior"].sum().backward()
-    assert not torch.allclose(model.proj[0].weight.grad, with_grad.proj[0].weight.grad)
+    a, b = model.meta.down_query[0].weight.grad, with_grad.meta.down_query[0].weight.grad
+    assert a is not None and a.abs().sum() > 0
+    assert not torch.allclose(a, b)
 
 
 def test_training_free_has_no_parameters_and_predicts_the_posterior(tiny_backbone):
     model = make_model(tiny_backbone, training_free=True, em_iters=3)
-    assert model.trainable_parameters() == []
+    assert model.trainable_parameters() == [] and model.meta is None
     q, s, m = _episode()
     out = model(q, s, m)
     pred = out["logits"].argmax(1)
@@ -74,16 +80,17 @@ def test_training_free_has_no_parameters_and_predicts_the_posterior(tiny_backbon
     assert torch.equal(pred, (up[:, 0] > 0.5).long())
 
 
-def test_decoder_logits_are_upsampled_by_the_one_resize(tiny_backbone):
+def test_meta_logits_are_upsampled_by_the_one_resize(tiny_backbone):
     """Both branches upsample their logits as the scores do: bilinear, align_corners=True."""
     model = make_model(tiny_backbone, proj_dim=16, em_iters=3).eval()
     seen = []
-    model.decoder.register_forward_hook(lambda mod, args, out: seen.append(out))
+    model.meta.register_forward_hook(lambda mod, args, out: seen.append(out))
     with torch.no_grad():
         out = model(*_episode())
     (coarse,) = seen  # [B, 2, h, w]
     assert coarse.shape[-2:] != out["logits"].shape[-2:]
     up = torch.nn.functional.interpolate(coarse, size=(64, 48), mode="bilinear", align_corners=True)
+    assert torch.equal(out["meta_logits"], up)
     assert torch.equal(out["logits"], up)
 
 
@@ -116,6 +123,8 @@ def test_ablation_switches_run(tiny_backbone, img, imr, cov, components):
 def test_bad_switches_are_refused(tiny_backbone):
     with pytest.raises(ValueError, match="guidance"):
         make_model(tiny_backbone, guidance="prototype")
+    with pytest.raises(ValueError, match="model.guidance"):
+        make_model(tiny_backbone, guidance="gmm")  # the old spelling of [posterior]
     with pytest.raises(ValueError, match="covariance"):
         make_model(tiny_backbone, covariance="spherical")
     with pytest.raises(ValueError, match="imr=True needs img=True"):
@@ -218,12 +227,21 @@ def test_kshot_prototype_is_per_shot_then_averaged(kshot):
     w[0, 0, 0, 0] = 1.0  # shot 0: one pixel
     w[0, 1] = 1.0  # shot 1: all nine pixels
     got = masked_average(feats, w, kshot)[0]
-    shot0, shot1 = feats[0, 0, :, 0, 0], feats[0, 1].mean((1, 2))
+    eps = 5e-4  # BAM's Weighted_GAP: sum(f * m) / (sum(m) + 5e-4)
+    shot0 = feats[0, 0, :, 0, 0] / (1 + eps)
+    shot1 = feats[0, 1].sum((1, 2)) / (9 + eps)
     if kshot == "mean":
         want = (shot0 + shot1) / 2
     else:
-        want = (shot0 + feats[0, 1].sum((1, 2))) / 10
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        want = (feats[0, 0, :, 0, 0] + feats[0, 1].sum((1, 2))) / (10 + eps)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    if kshot == "mean":  # BAM's K-shot reweighting: the shots' prototypes, weighted
+        sw = torch.tensor([[0.2, 0.8]])
+        weighted = masked_average(feats, w, kshot, sw)[0]
+        torch.testing.assert_close(weighted, 0.2 * shot0 + 0.8 * shot1, atol=1e-6, rtol=1e-6)
+    else:
+        with pytest.raises(ValueError, match="kshot='mean'"):
+            masked_average(feats, w, kshot, torch.tensor([[0.5, 0.5]]))
 
 
 def test_em_and_posterior_stay_fp32_under_autocast():

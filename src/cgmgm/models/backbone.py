@@ -118,9 +118,11 @@ class Backbone(nn.Module):
         high_channels: int,
         mean: tuple[float, float, float],
         std: tuple[float, float, float],
+        low_channels: int,
     ):
         super().__init__()
         self.body = body
+        self.low_channels = low_channels  # mid's first channels: the first tap (BAM's layer2)
         self.mid_channels = mid_channels
         self.high_channels = high_channels
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -208,10 +210,10 @@ def _set_pspnet_dilations(body: nn.Module) -> None:
                 block.downsample[0].stride = (1, 1)
 
 
-def _make_body(name: str, pretrained: bool) -> tuple[nn.Module, int, int]:
-    """Return ``(body, mid_channels, high_channels)``."""
+def _make_body(name: str, pretrained: bool) -> tuple[nn.Module, int, int, int]:
+    """Return ``(body, low_channels, mid_channels, high_channels)``."""
     if name == "vgg16":
-        return _VGG16Body(_vgg16_features(pretrained)), 256 + 512, 512
+        return _VGG16Body(_vgg16_features(pretrained)), 256, 256 + 512, 512
     extra = {"stem_type": "deep", "stem_width": 64} if name == "resnet50_psp" else {}
     body = timm.create_model(
         _SPECS[name].timm_name,
@@ -224,7 +226,7 @@ def _make_body(name: str, pretrained: bool) -> tuple[nn.Module, int, int]:
     if name == "resnet50_psp":
         _set_pspnet_dilations(body)
     ch = body.feature_info.channels()  # resnet50: [512, 1024, 2048]; lite0: [40, 112, 320]
-    return body, ch[0] + ch[1], ch[2]
+    return body, ch[0], ch[0] + ch[1], ch[2]
 
 
 def build_backbone(name: str, weights: str | os.PathLike | None = "imagenet") -> Backbone:
@@ -259,7 +261,7 @@ def build_backbone(name: str, weights: str | os.PathLike | None = "imagenet") ->
             )
 
     try:
-        body, mid_ch, high_ch = _make_body(name, timm_pretrained)
+        body, low_ch, mid_ch, high_ch = _make_body(name, timm_pretrained)
     except Exception as e:
         if not timm_pretrained:
             raise
@@ -269,7 +271,7 @@ def build_backbone(name: str, weights: str | os.PathLike | None = "imagenet") ->
         ) from e
     if state is not None:
         _load_body(body, state, spec.head_prefixes, source, layout)
-    return Backbone(body, mid_ch, high_ch, spec.mean, spec.std)
+    return Backbone(body, mid_ch, high_ch, spec.mean, spec.std, low_channels=low_ch)
 
 
 # ----------------------------------------------------------------------------- weight files

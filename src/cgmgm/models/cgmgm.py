@@ -1,26 +1,32 @@
-"""CGMGM: backbone -> IMGR -> CDGMG -> QCPE -> decoder (paper Fig. 2).
+"""CGMGM inside BAM: backbone -> IMGR -> CDGMG -> QCPE -> BAM's meta learner -> BAM's ensemble
+(paper Fig. 2 on BAM, the system behind the paper's tables).
 
-    images --backbone (frozen)--> mid X (L2+L3 -> 1x1 -> 256), high X^h (L4)
-    IMGR  (Eq. 2-7)   X^h_s, X^h_q, M_s          -> initial query mask M_q
-    CDGMG (Eq. 8-11)  X_s, X_q, M_s, M_q         -> theta_fg, theta_bg
-    QCPE  (Eq. 12-13) X_q, theta                 -> p(fg | x)
-    decoder           [X_q, prototype, guidance] -> 2-class logits
+    images --backbone (frozen)--> mid (L2+L3), high X^h (L4), low (L2, the first mid channels)
+    IMGR  (Eq. 2-7)   X^h_s, X^h_q, M_s           -> cosine prior S_G, initial query mask M_q
+    CDGMG (Eq. 8-11)  X_s, X_q, M_s, M_q          -> theta_fg, theta_bg
+    QCPE  (Eq. 12-13) X_q, theta                  -> posterior p(fg | x)
+    meta learner      [X_q, prototype, guidance]  -> meta logits     (models/meta_learner.py)
+    ensemble          meta, base learner, psi     -> final (bg, fg)  (models/ensemble.py)
 
-Ablation switches (Tables 1 and 5, Fig. 6): ``guidance`` "gmm" (C&Q on) or "cosine" (the
-prototype + cosine-prior baseline, C&Q off); ``img`` / ``imr`` (IMGR parts); ``components`` and
-``covariance`` of the mixtures. ``training_free=True`` keeps only the frozen backbone: the
-mixtures are fitted on its mid features as they are and the prediction is the posterior's argmax.
+``guidance``: which maps the meta learner receives, any subset of ``GUIDANCES`` = cosine prior
+(BAM's), IMGR initial mask, GMM posterior, so every row of Tables 1 and 5 is a configuration
+(conf/ablation/). ``img`` / ``imr`` switch the IMGR parts: without IMG the mixtures are fitted
+on the support pixels alone (Table 5's "C&Q" row). The mixtures live in the query projection's
+space: ``down_query``'s convolution and ReLU (before its dropout) map the query and the support
+features alike, so the cross fit sees one feature space (BAM's ``down_supp`` makes the
+prototype, as in BAM). ``training_free=True`` keeps only the frozen backbone: the mixtures are
+fitted on its mid features as they are and the prediction is the posterior's argmax.
+
+``base_learner`` (from a stage-1 checkpoint, frozen): with it the model is BAM's two learners
+fused by BAM's ensemble, ``logits`` the final output and ``meta_logits`` the meta learner's;
+without it the model is the meta learner alone (``logits`` = ``meta_logits``, ``ensemble``
+False). K shots: BAM's K-shot reweighting (weights from the shots' scene differences psi)
+combines the shots' cosine priors and prototypes when the model has an ensemble and
+``kshot="mean"``; otherwise "mean" averages them and "pool" pools every shot's pixels. The
+mixtures are always fitted on the pixels of every shot together.
 
 Every switch is a required keyword: the model's defaults live in one place, the Hydra config
 ``conf/model/cgmgm.yaml`` (``cgmgm.config.compose_model()`` gives them to Python callers).
-
-K shots (``kshot``): "mean" (BAM) averages one cosine prior and one prototype per shot; "pool"
-pools the pixels of every shot into one prior and one prototype. The mixtures are always fitted
-on the pixels of every shot together.
-
-``base_learner`` (optional, from a stage-1 checkpoint): BAM's base learner
-(:mod:`cgmgm.models.base_learner`), frozen, on the backbone's high-level features
-(:meth:`CGMGM.base_logits`), for BAM's ensemble.
 
 Query pixels outside the image (``query_valid`` = 0: the padding of BAM's test resize) enter
 no fit and no normalisation; a feature cell counts as inside when at least half its area is.
@@ -28,17 +34,43 @@ no fit and no normalisation; a feature cell counts as inside when at least half 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cgmgm.models.decoder import Decoder
+from cgmgm.models.ensemble import Ensemble, KShotReweighting, base_background, scene_difference
 from cgmgm.models.gmm import CDGMG
 from cgmgm.models.imgr import IMGR
+from cgmgm.models.meta_learner import PROTOTYPE_EPS, MetaLearner
 from cgmgm.models.qcpe import QCPE
 from cgmgm.models.resize import resize
 
-GUIDANCES = ("gmm", "cosine")
+# The guidance maps the meta learner can receive, in the order they are stacked; the output
+# key of each ("cosine_prior" from IMGR's Eq. 2, "initial_mask" M_q, "posterior" p(fg|x)).
+GUIDANCES = {"cosine": "cosine_prior", "initial_mask": "initial_mask", "posterior": "posterior"}
+
+
+def check_guidance(guidance: str | Sequence[str], img: bool) -> tuple[str, ...]:
+    """The guidance maps in stacking order (``GUIDANCES``'s); an error names a bad choice."""
+    names = (guidance,) if isinstance(guidance, str) else tuple(guidance)
+    bad = [g for g in names if g not in GUIDANCES]
+    if bad or not names or len(set(names)) != len(names):
+        raise ValueError(
+            f"model.guidance must be a non-empty list of distinct maps from {list(GUIDANCES)}, "
+            f"got {list(names)} (e.g. model.guidance=[posterior] or [cosine,posterior]; the "
+            "paper's rows: ablation=bam|cq|img_cq|img_imr|cgmgm)"
+        )
+    if "initial_mask" in names and not img:
+        raise ValueError("model.guidance has initial_mask, which needs model.img=true")
+    return tuple(g for g in GUIDANCES if g in names)
+
+
+def primary_guidance(guidance: Sequence[str]) -> str:
+    """The map whose GmIoU is reported as ``GmIoU``: CGMGM's posterior if used, else the
+    initial mask, else the cosine prior."""
+    return next(g for g in ("posterior", "initial_mask", "cosine") if g in guidance)
 
 
 def mask_fractions(masks: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
@@ -55,17 +87,26 @@ def mask_fractions(masks: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor
     return fg, bg
 
 
-def masked_average(features: Tensor, weight: Tensor, kshot: str) -> Tensor:
-    """Masked average pooling: [B, K, C, H, W], [B, K, H, W] -> prototype [B, C].
+def masked_average(
+    features: Tensor, weight: Tensor, kshot: str, shot_weights: Tensor | None = None
+) -> Tensor:
+    """Masked average pooling (BAM's Weighted_GAP, eps 5e-4): [B, K, C, H, W], [B, K, H, W] ->
+    prototype [B, C].
 
-    kshot "mean": one prototype per shot, averaged over shots (BAM); "pool": one average over
-    the pixels of every shot.
+    kshot "mean": one prototype per shot, averaged over shots (BAM), or summed with
+    ``shot_weights`` [B, K] (BAM's K-shot reweighting); "pool": one average over the pixels of
+    every shot.
     """
     if kshot == "pool":
+        if shot_weights is not None:
+            raise ValueError("shot_weights weigh one prototype per shot: they need kshot='mean'")
         num = (features * weight[:, :, None]).sum((1, 3, 4))  # [B, C]
-        return num / (weight.sum((1, 2, 3))[:, None] + 1e-5)
+        return num / (weight.sum((1, 2, 3))[:, None] + PROTOTYPE_EPS)
     num = (features * weight[:, :, None]).sum((3, 4))  # [B, K, C]
-    return (num / (weight.sum((2, 3))[..., None] + 1e-5)).mean(1)
+    per_shot = num / (weight.sum((2, 3))[..., None] + PROTOTYPE_EPS)  # [B, K, C]
+    if shot_weights is None:
+        return per_shot.mean(1)
+    return (per_shot * shot_weights[..., None]).sum(1)
 
 
 def valid_cells(query_valid: Tensor, size: tuple[int, int]) -> Tensor:
@@ -80,7 +121,7 @@ class CGMGM(nn.Module):
         self,
         backbone: nn.Module,
         *,
-        guidance: str,
+        guidance: str | Sequence[str],
         img: bool,
         imr: bool,
         kshot: str,
@@ -93,31 +134,38 @@ class CGMGM(nn.Module):
         gmm_grad: bool,
         reg_covar: float,
         base_learner: nn.Module | None = None,
+        shot: int = 1,
     ):
         super().__init__()
-        if guidance not in GUIDANCES:
-            raise ValueError(f"CGMGM: guidance must be one of {GUIDANCES}, got {guidance!r}")
-        if training_free and guidance != "gmm":
-            raise ValueError("CGMGM: training_free predicts the GMM posterior; use guidance='gmm'")
+        self.guidance = check_guidance(guidance, img)
+        if training_free and self.guidance != ("posterior",):
+            raise ValueError(
+                "CGMGM: training_free predicts the GMM posterior; use guidance=[posterior]"
+            )
+        if training_free and base_learner is not None:
+            raise ValueError("CGMGM: the training-free model has no meta learner to ensemble")
         self.backbone = backbone
-        self.guidance = guidance
         self.training_free = training_free
         self.kshot = kshot  # checked by IMGR
         self.imgr = IMGR(img=img, imr=imr, threshold=threshold, kshot=kshot)
         self.cdgmg = CDGMG(components, covariance, em_iters, gmm_grad, reg_covar)
         self.qcpe = QCPE()
-        if training_free:
-            self.proj, self.decoder = None, None
-        else:
-            self.proj = nn.Sequential(
-                nn.Conv2d(backbone.mid_channels, proj_dim, 1, bias=False), nn.ReLU(inplace=True)
-            )
-            self.decoder = Decoder(proj_dim, guidance_channels=1)
+        self.meta = None
+        if not training_free:
+            self.meta = MetaLearner(backbone.mid_channels, proj_dim, len(self.guidance))
         # BAM's stage-1 base learner on the backbone's last stage, frozen like the backbone
-        # (BatchNorm and dropout in eval mode; BAM leaves its dropout on, a quirk not kept)
+        # (BatchNorm and dropout in eval mode; BAM leaves its dropout on, a quirk not kept),
+        # and BAM's ensemble on top of both learners
         self.base_learner = base_learner
+        self.ensemble, self.reweight = None, None
         if base_learner is not None:
             base_learner.requires_grad_(False).eval()
+            self.ensemble = Ensemble()
+            self.reweight = KShotReweighting(shot)
+
+    @property
+    def has_ensemble(self) -> bool:
+        return self.ensemble is not None
 
     def train(self, mode: bool = True) -> CGMGM:
         super().train(mode)
@@ -139,15 +187,21 @@ class CGMGM(nn.Module):
         support_imgs: Tensor,
         support_masks: Tensor,
         query_valid: Tensor | None = None,
+        base_exclude: Tensor | None = None,
     ) -> dict:
         """query_img [B, 3, H, W]; support_imgs [B, K, 3, H, W]; support_masks [B, K, H, W]
         (0 bg, 1 fg, 255 ignore), images as floats in [0, 1]; query_valid [B, H, W] (1 inside
-        the image, 0 on padding) or None (every pixel is inside).
+        the image, 0 on padding) or None (every pixel is inside); base_exclude [B] long: the
+        base learner's label of each episode's class (1..N), left out of the base background
+        (BAM, in training), or None (every base class counts: evaluation).
 
-        Returns a dict: ``logits`` [B, 2, H, W]; at the feature resolution [B, 1, h, w]:
-        ``guidance`` (the map given to the decoder), ``cosine_prior`` (Eq. 2), ``coarse_mask``
-        (M_q^0), ``initial_mask`` (M_q), and for guidance "gmm" ``posterior`` p(fg|x) and
-        ``log_likelihood`` [B, 2, h, w] (bg, fg).
+        Returns a dict: ``logits`` [B, 2, H, W] (the final output: the ensemble's, or the meta
+        learner's without a base learner), ``meta_logits`` [B, 2, H, W]; at the feature
+        resolution [B, 1, h, w]: ``guidance`` (the primary guidance map,
+        :func:`primary_guidance`), ``cosine_prior`` (Eq. 2), ``coarse_mask`` (M_q^0),
+        ``initial_mask`` (M_q), with the posterior ``posterior`` p(fg|x) and
+        ``log_likelihood`` [B, 2, h, w] (bg, fg); ``guidance_maps`` [B, G, h, w]; with an
+        ensemble ``psi`` [B] and ``shot_weights`` [B, K].
         """
         b, k = support_imgs.shape[:2]
         if support_masks.shape != (b, k, *support_imgs.shape[-2:]):
@@ -158,7 +212,7 @@ class CGMGM(nn.Module):
         query = self.backbone(query_img)  # ([B, Cm, h, w], [B, Ch, h, w])
         support = self.backbone(support_imgs.flatten(0, 1))  # ([B*K, Cm, h, w], [B*K, Ch, h, w])
         size = tuple(query_img.shape[-2:])
-        return self.from_features(query, support, support_masks, query_valid, size)
+        return self.from_features(query, support, support_masks, query_valid, size, base_exclude)
 
     def from_features(
         self,
@@ -167,6 +221,7 @@ class CGMGM(nn.Module):
         support_masks: Tensor,
         query_valid: Tensor | None,
         size: tuple[int, int],
+        base_exclude: Tensor | None = None,
     ) -> dict:
         """:meth:`forward` after the frozen backbone: ``query`` = (mid [B, Cm, h, w], high
         [B, Ch, h, w]) and ``support`` = (mid [B*K, Cm, h, w], high [B*K, Ch, h, w]), the
@@ -179,35 +234,56 @@ class CGMGM(nn.Module):
             raise ValueError(
                 f"{mid_s.shape[0]} support feature maps for B x K = {b} x {k} support masks"
             )
-        if self.proj is not None:
-            mid_q, mid_s = self.proj(mid_q), self.proj(mid_s)  # [*, 256, h, w]
         cells = mid_q.shape[-2:]  # (h, w)
-        mid_s = mid_s.unflatten(0, (b, k))  # [B, K, D, h, w]
-        high_s = high_s.unflatten(0, (b, k))  # [B, K, Ch, h, w]
         fg, bg = mask_fractions(support_masks, cells)  # [B, K, h, w] each
         valid = None if query_valid is None else valid_cells(query_valid, cells)  # [B, 1, h, w]
+        high_s = high_s.unflatten(0, (b, k))  # [B, K, Ch, h, w]
 
-        out = self.imgr(high_q, high_s, fg, valid)
-        if self.guidance == "gmm":
+        out: dict = {}
+        weights = None  # [B, K]: BAM's K-shot weights, with an ensemble
+        if self.ensemble is not None:
+            low = self.backbone.low_channels  # layer2, the first mid channels (BAM's low_fea)
+            psi_k = scene_difference(mid_q[:, :low], mid_s[:, :low].unflatten(0, (b, k)))
+            weights = self.reweight(psi_k)  # [B, K]
+            out["psi"] = (weights * psi_k).sum(1)  # [B]
+            out["shot_weights"] = weights
+        if self.kshot != "mean":
+            weights = None  # "pool": one prior and one prototype over every shot's pixels
+        out.update(self.imgr(high_q, high_s, fg, valid, weights))
+
+        if self.meta is None:  # training-free: the mixtures on the backbone's features
+            gmm_q, gmm_s = mid_q, mid_s
+        else:  # down_query's 1x1 + ReLU (its dropout comes after): one space for both
+            to_space = self.meta.down_query[:2]
+            gmm_q, gmm_s = to_space(mid_q), to_space(mid_s)  # [B, D, h, w], [B*K, D, h, w]
+        if "posterior" in self.guidance:
             query_fg = out["initial_mask"] if self.imgr.img else None
-            theta = self.cdgmg(mid_s, fg, bg, mid_q, query_fg, valid)  # [B, 2] (bg, fg)
-            out.update(self.qcpe(mid_q, theta))
-            out["guidance"] = out["posterior"]
-        else:
-            out["guidance"] = out["cosine_prior"]
+            theta = self.cdgmg(gmm_s.unflatten(0, (b, k)), fg, bg, gmm_q, query_fg, valid)
+            out.update(self.qcpe(gmm_q, theta))
+        maps = torch.cat([out[GUIDANCES[g]] for g in self.guidance], 1)  # [B, G, h, w]
+        out["guidance_maps"] = maps
+        out["guidance"] = out[GUIDANCES[primary_guidance(self.guidance)]]  # [B, 1, h, w]
 
-        if self.training_free:
+        if self.meta is None:
             # upsampled by the one resize that also scores guidance maps: scored at the input
             # size, the prediction is the posterior map binarised at 0.5 (its mIoU equals its
             # GmIoU); at original size the two are close, not equal
             p = resize(out["posterior"], size)  # [B, 1, H, W]
-            out["logits"] = torch.cat([1 - p, p], 1).clamp_min(1e-6).log()
-        else:
-            prototype = masked_average(mid_s, fg, self.kshot)  # [B, D]
-            logits = self.decoder(mid_q, prototype, out["guidance"])
-            out["logits"] = resize(logits, size)  # [B, 2, H, W]
+            out["logits"] = out["meta_logits"] = torch.cat([1 - p, p], 1).clamp_min(1e-6).log()
+            return out
+        feat_s = self.meta.down_supp(mid_s).unflatten(0, (b, k))  # [B, K, D, h, w]
+        prototype = masked_average(feat_s, fg, self.kshot, weights)  # [B, D]
+        feat_q = self.meta.down_query[2](gmm_q)  # down_query's Dropout2d(0.5)
+        meta = self.meta(feat_q, prototype, maps)  # [B, 2, h, w]
+        out["meta_logits"] = resize(meta, size)  # [B, 2, H, W]
+        if self.ensemble is None:
+            out["logits"] = out["meta_logits"]
+            return out
+        base = resize(self.base_logits(high_q), cells)  # [B, N + 1, h, w]
+        base_bg = base_background(base, base_exclude)  # [B, 1, h, w]
+        out["logits"] = resize(self.ensemble(meta, base_bg, out["psi"]), size)  # [B, 2, H, W]
         return out
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The new layers (projection, decoder); the backbone stays frozen."""
+        """The meta learner and the ensemble; the backbone and the base learner stay frozen."""
         return [p for p in self.parameters() if p.requires_grad]

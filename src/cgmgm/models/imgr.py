@@ -74,13 +74,15 @@ def cosine_prior(
     query_valid: Tensor | None = None,
     kshot: str = "mean",
     sim: Tensor | None = None,
+    shot_weights: Tensor | None = None,
 ) -> Tensor:
     """Eq. 2: the global similarity S_G, max over masked support pixels, min-max normalised.
 
     query [B, C, H, W]; support [B, K, C, H', W']; support_mask [B, K, H', W'] in [0, 1];
     query_valid [B, 1, H, W] (> 0 inside the image) or None -> [B, 1, H, W] in [0, 1].
     ``sim``: their :func:`cosine_matrix` [B, K*H'*W', H*W] when already computed (IMGR shares
-    it with the cycle check).
+    it with the cycle check). ``shot_weights`` [B, K] (kshot "mean" only): the shots' priors
+    are summed with these weights (BAM's K-shot reweighting) instead of averaged.
     """
     if kshot not in KSHOT:
         raise ValueError(f"kshot must be one of {KSHOT}, got {kshot!r}")
@@ -94,7 +96,11 @@ def cosine_prior(
     best = sim.amax((1, 2))[:, None] if kshot == "pool" else sim.amax(2)  # [B, K', Nq]
     best = best.masked_fill(best == float("-inf"), 0.0)  # a shot with an empty mask
     prior = _minmax(best, _valid_flat(query_valid))  # [B, K', Nq]
-    return prior.mean(1).view(b, 1, h, w)
+    if shot_weights is None:
+        return prior.mean(1).view(b, 1, h, w)
+    if kshot != "mean":
+        raise ValueError("shot_weights weigh one prior per shot: they need kshot='mean'")
+    return (prior * shot_weights[:, :, None].to(prior.dtype)).sum(1).view(b, 1, h, w)
 
 
 def _patch_mean(x: Tensor, size: int) -> Tensor:
@@ -114,6 +120,7 @@ def local_prior(
     patch: int = 2,
     query_valid: Tensor | None = None,
     kshot: str = "mean",
+    shot_weights: Tensor | None = None,
 ) -> Tensor:
     """Eq. 3-4: S_L on patch means, upsampled back. Shapes as cosine_prior."""
     b, k, c, hs, ws = support.shape
@@ -127,7 +134,7 @@ def local_prior(
         v = (query_valid > 0).to(query.dtype)  # [B, 1, H, W]
         rv = _patch_mean(v, patch)  # [B, 1, H/2, W/2], > 0: the patch holds an image pixel
         rq = _patch_mean(query * v, patch) / rv.clamp_min(_EPS)
-    s_local = cosine_prior(rq, rs, rm, rv, kshot)  # [B, 1, H/2, W/2]
+    s_local = cosine_prior(rq, rs, rm, rv, kshot, shot_weights=shot_weights)  # [B,1,H/2,W/2]
     up = F.interpolate(s_local, size=query.shape[-2:], mode="bilinear", align_corners=False)
     return up if query_valid is None else up * (query_valid > 0)
 
@@ -222,9 +229,11 @@ class IMGR(nn.Module):
         support: Tensor,
         support_mask: Tensor,
         query_valid: Tensor | None = None,
+        shot_weights: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """query [B, C, H, W]; support [B, K, C, H, W]; support_mask [B, K, H, W] in [0, 1];
-        query_valid [B, 1, H, W] (> 0 inside the image) or None.
+        query_valid [B, 1, H, W] (> 0 inside the image) or None; shot_weights [B, K] or None
+        (the shots' priors averaged; see :func:`cosine_prior`).
 
         Returns cosine_prior S_G, coarse M_q^0 and initial_mask M_q, each [B, 1, H, W];
         with img=False the masks are all zero.
@@ -234,12 +243,16 @@ class IMGR(nn.Module):
         # of Eq. 2 and 5) is computed once for both, [B, K*H*W, n]
         q_in, v_in, cols = _inside_columns(query, query_valid)
         sim = cosine_matrix(q_in.flatten(2), support.transpose(1, 2).flatten(2))
-        s_g_in = cosine_prior(q_in, support, support_mask, v_in, self.kshot, sim)  # [B,1,1,n]
+        s_g_in = cosine_prior(
+            q_in, support, support_mask, v_in, self.kshot, sim, shot_weights
+        )  # [B, 1, 1, n]
         s_g = _place(s_g_in, cols, query)  # [B, 1, H, W], 0 on padding
         if not self.img:
             zeros = torch.zeros_like(s_g)
             return {"cosine_prior": s_g, "coarse_mask": zeros, "initial_mask": zeros}
-        s_l = local_prior(query, support, support_mask, self.patch, query_valid, self.kshot)
+        s_l = local_prior(
+            query, support, support_mask, self.patch, query_valid, self.kshot, shot_weights
+        )
         coarse = (s_g + s_l) / 2 >= self.threshold  # M_q^0, [B, 1, H, W] bool
         if query_valid is not None:
             coarse = coarse & (query_valid > 0)
