@@ -1,12 +1,13 @@
-"""One episode batch, timed by stage, for guidance=gmm against guidance=cosine; and an
+"""One episode batch, timed by stage, for CGMGM (ablation=cgmgm) against BAM (ablation=bam); and an
 evaluation with the frozen-feature cache against one without it. All measured in one run.
 
 Part 1 (stages): a batch of 8 one-shot episodes at 473 x 473 (BAM's PASCAL test size) through
-the paper's full model and through the cosine baseline (``model.guidance=cosine``), every
-other setting from conf/model/cgmgm.yaml. Stages are timed with forward hooks on the modules
-(backbone, projection, IMGR, CDGMG, QCPE, decoder); "other" is the rest of the forward (mask
-fractions, prototype, upsampling). An episode is timed cache cold (the backbone runs) and warm
-(its features come from :class:`cgmgm.features.FeatureCache`).
+the paper's full model and through BAM's cosine prior (``ablation=bam``), both BAM's meta
+learner without a base learner, every other setting from conf/model/cgmgm.yaml. Stages are
+timed with forward hooks on the modules (backbone, IMGR, CDGMG, QCPE, meta learner); "other" is
+the rest of the forward (mask fractions, projections, prototype, upsampling). An episode is
+timed cache cold (the backbone runs) and warm (its features come from
+:class:`cgmgm.features.FeatureCache`).
 
 Part 2 (evaluation): BAM's protocol shape, in small: ``--runs`` test runs (episode seeds) of
 ``--episodes`` episodes each over a pool of ``--images`` images, under BAM's test resize
@@ -17,7 +18,7 @@ must be equal, and are checked.
     python benchmarks/bench_episode.py [--device cpu|cuda] [--repeats 3] [--episodes 24]
 
 On CUDA the backbone runs under bf16 autocast with TF32 matmuls allowed; the EM stays fp32
-(cgmgm.models.gmm upcasts). Last lines: ``episode_ratio_gmm_vs_cosine: <x>`` (warm cache, the
+(cgmgm.models.gmm upcasts). Last lines: ``episode_ratio_cgmgm_vs_bam: <x>`` (warm cache, the
 ratio of whole episodes) and ``eval_speedup_cache: <x>``.
 """
 
@@ -40,7 +41,7 @@ from cgmgm.data.transforms import PadResize
 from cgmgm.lit import LitCGMGM
 
 B, K, SIZE = 8, 1, 473
-STAGES = ("backbone", "proj", "imgr", "cdgmg", "qcpe", "decoder")
+STAGES = ("backbone", "imgr", "cdgmg", "qcpe", "meta")
 
 
 class StageTimer:
@@ -112,8 +113,8 @@ def time_episode(lit: LitCGMGM, batch: dict, warm: bool, repeats: int, sync, aut
 def part_stages(args, device, sync, autocast) -> dict[str, float]:
     batch = episode_batch(device)
     walls = {}
-    for guidance in ("gmm", "cosine"):
-        model_cfg = compose_model([f"model.guidance={guidance}"])
+    for guidance in ("cgmgm", "bam"):
+        model_cfg = compose_model([f"ablation={guidance}"])
         lit = LitCGMGM(model_cfg, {"name": "efficientnet_lite0", "weights": "imagenet"}, [1])
         lit.to(device).eval()
         cold, cold_stages = time_episode(lit, batch, False, args.repeats, sync, autocast)
@@ -127,8 +128,8 @@ def part_stages(args, device, sync, autocast) -> dict[str, float]:
             parts = "  ".join(f"{k} {v * 1e3:7.1f}" for k, v in stages.items() if v > 0)
             print(f"{guidance:6s} cache {label}: {wall * 1e3:8.1f} ms per batch of {B} | {parts}")
     return {
-        "cold": walls["gmm"][0] / walls["cosine"][0],
-        "warm": walls["gmm"][1] / walls["cosine"][1],
+        "cold": walls["cgmgm"][0] / walls["bam"][0],
+        "warm": walls["cgmgm"][1] / walls["bam"][1],
     }
 
 
@@ -209,7 +210,7 @@ def main() -> None:
     ratio = part_stages(args, device, sync, autocast)
     speedup = part_eval(args, device)
     print(f"episode ratio gmm / cosine: cache cold {ratio['cold']:.2f}, warm {ratio['warm']:.2f}")
-    print(f"episode_ratio_gmm_vs_cosine: {ratio['warm']:.2f}")
+    print(f"episode_ratio_cgmgm_vs_bam: {ratio['warm']:.2f}")
     print(f"eval_speedup_cache: {speedup:.2f}")
 
 

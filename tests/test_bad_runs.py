@@ -42,13 +42,16 @@ TINY = [
     "callbacks.figures=null",
 ]
 NO_LOGGING = ["hydra/job_logging=none", "hydra/hydra_logging=none"]
+# the meta learner alone: no stage 1 (test_stages.py runs both stages); train's key only
+NO_STAGE1 = ["base_ckpt=null"]
 
 
 def _main(app: str, *args: str) -> object:
     """``python -m cgmgm.<app> *args`` in this process: its exit code (SystemExit's)."""
     module = importlib.import_module(f"cgmgm.{app}")
     argv = sys.argv
-    sys.argv = [f"cgmgm.{app}", *args, *NO_LOGGING]
+    stage = NO_STAGE1 if app == "train" else []
+    sys.argv = [f"cgmgm.{app}", *args, *stage, *NO_LOGGING]
     try:
         module.main()
     except SystemExit as exit_:
@@ -61,7 +64,8 @@ def _main(app: str, *args: str) -> object:
 def _cfg(name: str, out: Path, *overrides: str, hydra_cfg: bool = False):
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose(
-            name, overrides=[*TINY, f"paths.output_dir={out}", *overrides],
+            name, overrides=[*TINY, *(NO_STAGE1 if name == "train" else []),
+                             f"paths.output_dir={out}", *overrides],
             return_hydra_config=hydra_cfg,
         )  # fmt: skip
 

@@ -19,7 +19,16 @@ from cgmgm.data import DatasetError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-GROUPS = ("dataset", "backbone", "model", "trainer", "logger", "callbacks", "experiment")
+GROUPS = (
+    "dataset",
+    "backbone",
+    "model",
+    "ablation",
+    "trainer",
+    "logger",
+    "callbacks",
+    "experiment",
+)
 
 
 def _compose(name: str, overrides: list[str], tmp_path: Path):
@@ -35,7 +44,12 @@ def test_defaults_have_the_documented_keys(tmp_path):
     cfg = _compose("train", [], tmp_path)
     assert (cfg.fold, cfg.shot, cfg.seed) == (0, 1, 0)
     assert cfg.backbone.name == "efficientnet_lite0"
-    assert cfg.model.guidance == "gmm" and not cfg.model.training_free
+    assert list(cfg.model.guidance) == ["posterior"] and not cfg.model.training_free
+    # the paper's system: stage 1 first (trained into stage1.root, relative to the cwd), then
+    # stage 2 trained on BAM's two losses
+    assert cfg.base_ckpt == "fit" and cfg.stage1.root == "outputs/stage1"
+    assert list(cfg.stage1.overrides) == []
+    assert (cfg.loss.final, cfg.loss.meta) == (1.0, 1.0)
     # the main job is the paper's full model: IMG, IMR, C&Q, M = 3, diag
     assert (cfg.model.img, cfg.model.imr, cfg.model.gmm.components) == (True, True, 3)
     assert (cfg.model.gmm.covariance, cfg.model.proj_dim, cfg.model.kshot) == ("diag", 256, "mean")
@@ -50,8 +64,11 @@ def test_defaults_have_the_documented_keys(tmp_path):
     assert (cfg.dataset.fold, cfg.dataset.shot, cfg.dataset.seed) == (2, 5, 7)
 
 
-@pytest.mark.parametrize("config_name", ["train", "eval"])
-@pytest.mark.parametrize("group", GROUPS)
+# eval takes the model from its checkpoint: it has no ablation group
+@pytest.mark.parametrize(
+    ("group", "config_name"),
+    [(g, c) for c in ("train", "eval") for g in GROUPS if (g, c) != ("ablation", "eval")],
+)
 def test_every_group_option_composes(group, config_name, tmp_path):
     options = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
     assert options, f"conf/{group} is empty"
@@ -200,3 +217,30 @@ def test_stage2_clips_gradients_and_the_user_can_turn_it_off():
     assert compose("train", ["trainer=gpu"]).trainer.gradient_clip_val == 10.0
     assert compose("train", ["trainer.gradient_clip_val=null"]).trainer.gradient_clip_val is None
     assert compose("train_base", []).trainer.get("gradient_clip_val") is None  # BAM's stage 1
+
+
+# The paper's rows (Table 5; Table 1's BAM and CGMGM): guidance maps, IMG, IMR.
+ROWS = {
+    "bam": (["cosine"], False, False),
+    "cq": (["posterior"], False, False),
+    "img_cq": (["posterior"], True, False),
+    "img_imr": (["initial_mask"], True, True),
+    "cgmgm": (["posterior"], True, True),
+}
+
+
+def test_every_paper_row_is_an_ablation_that_builds(tmp_path):
+    from cgmgm.lit import model_kwargs
+    from cgmgm.models.cgmgm import check_guidance
+
+    assert sorted(p.stem for p in (CONF / "ablation").glob("*.yaml")) == sorted(ROWS)
+    for row, (guidance, img, imr) in ROWS.items():
+        cfg = _compose("train", [f"ablation={row}"], tmp_path)
+        model = OmegaConf.to_container(cfg.model, resolve=True)
+        assert (model["guidance"], model["img"], model["imr"]) == (guidance, img, imr), row
+        kw = model_kwargs(model)
+        assert check_guidance(kw["guidance"], kw["img"]) == tuple(guidance), row
+    # the full model's row is the model's defaults
+    default = OmegaConf.to_container(_compose("train", [], tmp_path).model, resolve=True)
+    full = _compose("train", ["ablation=cgmgm"], tmp_path).model
+    assert OmegaConf.to_container(full, resolve=True) == default

@@ -33,6 +33,7 @@ TINY = [  # the embedded benchmark, small
     *TINY_DATA,
     "dataset.test_episodes=12",
     "model.proj_dim=32",
+    "base_ckpt=null",  # the meta learner alone: no stage 1 (test_stages.py runs both)
     "trainer.max_epochs=2",
     "trainer.log_every_n_steps=1",
 ]

@@ -142,16 +142,32 @@ def test_eval_step_scores_at_original_size_when_given():
     # map, so that every geometry scores differently.
     logits = torch.randn(b, 2, s, s, generator=g)
     guidance = torch.rand(b, 1, 8, 8, generator=g)
+    cosine, initial = torch.rand(b, 1, 8, 8, generator=g), torch.rand(b, 1, 8, 8, generator=g)
+    assert module.model.guidance == ("posterior",) and module.map_names == [
+        "cosine",
+        "initial_mask",
+        "posterior",
+    ]
 
-    def model(query_img, support_imgs, support_masks, query_valid=None):
+    def model(query_img, support_imgs, support_masks, query_valid=None, base_exclude=None):
         assert query_img is batch["query_img"] and support_imgs is batch["support_imgs"]
-        return {"logits": logits, "guidance": guidance}
+        assert base_exclude is None  # a test episode: every base class counts
+        return {
+            "logits": logits,
+            "meta_logits": logits,
+            "guidance": guidance,
+            "posterior": guidance,
+            "cosine_prior": cosine,
+            "initial_mask": initial,
+        }
 
     module.model.forward = model
     with torch.no_grad():
         out = module.test_step(batch, 0)
     assert torch.equal(out["pred"], logits.argmax(1))
-    assert module.test_iou.episodes.tolist() == [0, 1, 0, 1, 0]
+    scores = module.scores["test"]
+    assert sorted(scores) == ["gm", "gm_cosine", "gm_initial_mask", "gm_posterior", "iou"]
+    assert scores["iou"].episodes.tolist() == [0, 1, 0, 1, 0]
 
     def states(count):
         """FSSIoU's states (intersection, union, fb_intersection, fb_union) from per-item
@@ -168,7 +184,7 @@ def test_eval_step_scores_at_original_size_when_given():
         return _counts(logits[i], orig[i, :h, :w], (max(h, w),) * 2, (h, w))
 
     want = states(square)
-    iou = module.test_iou
+    iou = scores["iou"]
     got = (iou.intersection.tolist(), iou.union.tolist())
     assert got + (iou.fb_intersection.tolist(), iou.fb_union.tolist()) == want
 
@@ -176,8 +192,20 @@ def test_eval_step_scores_at_original_size_when_given():
     def gm_square(i, h, w):
         return _counts(guidance[i], orig[i, :h, :w], (max(h, w),) * 2, (h, w))
 
-    gm = module.test_gm
+    gm = scores["gm"]
     assert (gm.intersection.tolist(), gm.union.tolist()) == states(gm_square)[:2]
+    # every guidance map has its own GmIoU; the primary one (posterior) is GmIoU itself
+    others = (("gm_posterior", guidance), ("gm_cosine", cosine), ("gm_initial_mask", initial))
+    for name, m in others:
+
+        def map_square(i, h, w, m=m):
+            return _counts(m[i], orig[i, :h, :w], (max(h, w),) * 2, (h, w))
+
+        got_map = scores[name]
+        assert (got_map.intersection.tolist(), got_map.union.tolist()) == states(map_square)[:2], (
+            name
+        )
+    assert not module.scores["val"]["iou"].episodes.any()  # a test step scores the test only
 
     # Wrong canvases give other counts, so the assertion above tells them apart.
     wrong = {
@@ -251,3 +279,32 @@ def test_aggregate_mean_std_and_per_seed():
     assert agg["test/mIoU_std"] == pytest.approx(math.sqrt(50.0))
     assert agg["seed1/test/mIoU"] == 40.0 and agg["seed2/test/mIoU"] == 50.0
     assert aggregate({3: {"test/mIoU": 40.0}})["test/mIoU_std"] == 0.0
+
+
+def test_format_table_has_final_and_meta_columns_and_map_rows():
+    metrics = {
+        "test/IoU/class_1": 50.0,
+        "test/meta/IoU/class_1": 40.0,
+        "test/mIoU": 50.0,
+        "test/meta/mIoU": 40.0,
+        "test/FB-IoU": 60.0,
+        "test/meta/FB-IoU": 55.0,
+        "test/GmIoU": 20.0,
+        "test/GmIoU/cosine": 11.0,
+        "test/GmIoU/posterior": 20.0,
+    }
+    table = format_table(metrics, [1], None)
+    lines = table.splitlines()
+    assert "final IoU (%)" in lines[0] and "meta IoU (%)" in lines[0]
+    width = len(lines[0]) - len(lines[0].lstrip())  # the names' column, then the values
+    row = {ln[:width].strip(): ln[width:].split() for ln in lines[2:] if ln[:1] != "-"}
+    assert row["class   1"] == ["50.00", "40.00"]
+    assert row["mIoU"] == ["50.00", "40.00"] and row["FB-IoU"] == ["60.00", "55.00"]
+    # a guidance map is the meta learner's input: one GmIoU, in the first column
+    assert lines[-3].split() == ["GmIoU", "20.00"]
+    assert lines[-2].split() == ["GmIoU/cosine", "11.00"]
+    assert lines[-1].split() == ["GmIoU/posterior", "20.00"]
+    assert "GmIoU/initial_mask" not in table  # absent from metrics: no row
+    # without the meta learner's scores: one column, as before
+    single = format_table({k: v for k, v in metrics.items() if "/meta/" not in k}, [1], None)
+    assert "meta" not in single and "IoU (%)" in single.splitlines()[0]

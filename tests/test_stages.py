@@ -81,6 +81,9 @@ def test_stage2_takes_backbone_and_base_learner_exactly(stage1, tmp_path):
     metrics = train(_cfg("train", tmp_path, *STAGE2, f"base_ckpt={base_ckpt}"))
     assert metrics["stage1"]["base_ckpt"] == base_ckpt
     assert metrics["stage1"]["base_ckpt_kind"] == "cgmgm"
+    # with a base learner: BAM's ensemble, its output scored beside the meta learner's
+    for key in ("test/mIoU", "test/meta/mIoU", "test/meta/FB-IoU", "test/GmIoU"):
+        assert 0.0 <= metrics[key] <= 100.0, key
     one = torch.load(base_ckpt, map_location="cpu", weights_only=True)
     two_path = next((tmp_path / "checkpoints").glob("best-*.ckpt"))
     two = torch.load(two_path, map_location="cpu", weights_only=True)
@@ -113,8 +116,63 @@ def test_stage2_takes_backbone_and_base_learner_exactly(stage1, tmp_path):
 
 
 def test_without_stage1_says_so(tmp_path):
-    metrics = train(_cfg("train", tmp_path, *STAGE2, "+trainer.fast_dev_run=true"))
+    cfg = _cfg("train", tmp_path, *STAGE2, "base_ckpt=null", "+trainer.fast_dev_run=true")
+    metrics = train(cfg)
     assert metrics["stage1"]["base_ckpt"] is None and "no stage 1" in metrics["stage1"]["note"]
+    assert not any(k.startswith("test/meta/") for k in metrics)  # no ensemble: one output
+
+
+FIT_DATA = "dataset.dataset_kwargs.num_images={train:100,val:40}"
+FIT_STAGE1 = "stage1.overrides=['base.batch_size=8','trainer.max_epochs=1']"
+
+
+def _stage1_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir())
+
+
+def test_fit_is_the_default_and_trains_stage1_once(tmp_path, capsys):
+    from cgmgm.train import stage1_config
+
+    root = tmp_path / "stage1"
+    fit = [*STAGE2, FIT_DATA, f"stage1.root={root}", FIT_STAGE1]
+    quick = "+trainer.fast_dev_run=true"  # stage 2's trainer only: stage 1 trains its epoch
+    first = train(_cfg("train", tmp_path / "a", *fit, quick))  # base_ckpt=fit: the default
+    out = capsys.readouterr().out
+    assert "stage 1: training the base learner in" in out
+    (run,) = _stage1_dirs(root)  # one stage 1, in its own directory under stage1.root
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["stage"] == 1 and saved["epochs"] == 1  # stage1.overrides reached it
+    assert first["stage1"]["base_ckpt"] == saved["base_ckpt"]
+    assert Path(saved["base_ckpt"]).resolve().is_relative_to(run.resolve())
+    assert first["stage1"]["base_ckpt_kind"] == "cgmgm"
+    # the paper's system: the ensemble's scores and the meta learner's beside them
+    for key in ("test/mIoU", "test/meta/mIoU", "test/meta/FB-IoU", "test/GmIoU/posterior"):
+        assert 0.0 <= first[key] <= 100.0, key
+
+    # another stage-2 setting of the same fold reuses it, trains no second stage 1
+    second = train(_cfg("train", tmp_path / "b", *fit, "model.gmm.components=2", quick))
+    out = capsys.readouterr().out
+    assert "stage 1: reusing the finished stage 1" in out and "training the base" not in out
+    assert second["stage1"]["base_ckpt"] == first["stage1"]["base_ckpt"]
+    assert _stage1_dirs(root) == [run]
+
+    # stage 1's directory is named by stage 1's settings only (no training needed to see it)
+    def where(*extra: str) -> str:
+        return stage1_config(_cfg("train", tmp_path / "c", *fit, *extra)).paths.output_dir
+
+    assert where() == str(run.resolve())
+    assert where("shot=5", "model.guidance=[cosine]", "loss.meta=0.5") == str(run.resolve())
+    assert where("seed=1") != where()
+    assert where("stage1.overrides=['base.batch_size=8','trainer.max_epochs=2']") != where()
+
+    # a stage-1 directory holding an unfinished run is never overwritten: the error says how
+    # to resume it
+    other = Path(where("seed=1"))
+    other.mkdir(parents=True)
+    (other / "train.log").write_text("an interrupted stage 1\n")
+    with pytest.raises(FileExistsError, match="unfinished stage 1.*ckpt_path="):
+        train(_cfg("train", tmp_path / "d", *fit, "seed=1"))
+    assert (other / "train.log").read_text() == "an interrupted stage 1\n"
 
 
 @pytest.mark.parametrize(

@@ -33,9 +33,14 @@ TINY = [
 NOVEL_FOLD0 = [1, 2, 3, 4, 5]
 
 
+# the meta learner alone: no stage 1 (test_stages.py runs both stages)
+NO_STAGE1 = ["base_ckpt=null"]
+
+
 def _cfg(name: str, out: Path, *overrides: str):
+    stage = NO_STAGE1 if name == "train" else []  # eval takes the model from its checkpoint
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(name, overrides=[*TINY, f"paths.output_dir={out}", *overrides])
+        return compose(name, overrides=[*TINY, *stage, f"paths.output_dir={out}", *overrides])
 
 
 def _assert_percent_metrics(metrics: dict, prefix: str = "test/", mean: bool = True) -> None:
@@ -56,8 +61,14 @@ def test_fast_dev_run(tmp_path):
     metrics = train(_cfg("train", tmp_path, "+trainer.fast_dev_run=true"))
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["test/mIoU"] == pytest.approx(metrics["test/mIoU"])
-    assert (saved["fold"], saved["shot"], saved["seed"], saved["guidance"]) == (0, 1, 0, "gmm")
+    assert (saved["fold"], saved["shot"], saved["seed"]) == (0, 1, 0)
+    assert saved["guidance"] == ["posterior"]
     assert "test/GmIoU" in saved and "test/FB-IoU" in saved
+    # every map computed has its GmIoU; the primary one (the posterior) is GmIoU itself
+    for m in ("cosine", "initial_mask", "posterior"):
+        assert 0.0 <= saved[f"test/GmIoU/{m}"] <= 100.0, m
+    assert saved["test/GmIoU/posterior"] == pytest.approx(saved["test/GmIoU"])
+    assert not any(k.startswith("test/meta/") for k in saved)  # no ensemble without stage 1
 
 
 def test_training_free_cannot_train(tmp_path):
@@ -135,6 +146,14 @@ def test_train_resume_and_eval(tmp_path, capsys):
     with pytest.raises(ValueError, match="eval.seeds=\\[S\\] instead of test_seed"):
         evaluate(_cfg("eval", tmp_path / "x", f"ckpt_path={ckpts / 'last.ckpt'}", "test_seed=4"))
 
+    # A checkpoint of the model before BAM's meta learner (model.guidance a string, another
+    # decoder's weights) is refused with the fix, not loaded half-way.
+    older = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)
+    older["hyper_parameters"]["model"]["guidance"] = "gmm"
+    torch.save(older, tmp_path / "older.ckpt")
+    with pytest.raises(ValueError, match="predates BAM's meta learner.*python -m cgmgm.train"):
+        evaluate(_cfg("eval", tmp_path / "y", f"ckpt_path={tmp_path / 'older.ckpt'}"))
+
 
 def test_eval_training_free_without_checkpoint(tmp_path):
     ev = evaluate(_cfg("eval", tmp_path, "model=training_free", "eval.seeds=[0,1]"))
@@ -158,7 +177,7 @@ def test_multirun_with_wandb_offline_and_sweep_table(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(HOME=str(home), NETRC=str(home / ".netrc"))
     sweep = tmp_path / "sweep"
-    overrides = [o for o in TINY if "max_epochs" not in o] + ["trainer.max_epochs=1"]
+    overrides = [o for o in TINY if "max_epochs" not in o] + ["trainer.max_epochs=1", *NO_STAGE1]
     proc = subprocess.run(
         [sys.executable, "-m", "cgmgm.train", "-m", "model.gmm.components=1,2",
          "logger=wandb", f"hydra.sweep.dir={sweep}", *overrides],

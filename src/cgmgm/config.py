@@ -53,10 +53,14 @@ def config_dir() -> Path:
 
 
 def compose(config_name: str = "train", overrides: Sequence[str] = ()) -> Any:
-    """The composed (unresolved) config of ``python -m cgmgm.<config_name> <overrides>``."""
+    """The composed (unresolved) config of ``python -m cgmgm.<config_name> <overrides>``
+    (inside a running cgmgm app too: its Hydra already knows the configs)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
+    if GlobalHydra.instance().is_initialized():
+        return hydra_compose(config_name, overrides=list(overrides))
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return hydra_compose(config_name, overrides=list(overrides))
 
@@ -143,7 +147,7 @@ def run_info(cfg: Any, model: Mapping[str, Any], backbone: Mapping[str, Any]) ->
         "shot": int(cfg.shot),
         "seed": int(cfg.seed),
         "backbone": str(backbone["name"]),
-        "guidance": model.get("guidance", "gmm"),
+        "guidance": model.get("guidance"),
         "components": gmm.get("components"),
         "covariance": gmm.get("covariance"),
         "img": model.get("img"),
@@ -231,8 +235,11 @@ def format_table(
     std_suffix: str | None = None,
     summary: Sequence[str] = ("mIoU", "FB-IoU", "GmIoU"),
 ) -> str:
-    """Per-class IoU, then mIoU, FB-IoU and GmIoU (percent) as a small text table.
+    """Per-class IoU, then mIoU, FB-IoU and GmIoU (percent) as a small text table, with a
+    row per guidance map's GmIoU (``GmIoU/<map>``) present in ``metrics``.
 
+    With the meta learner's scores in ``metrics`` (``{prefix}meta/...``, a run with BAM's
+    ensemble) there are two columns: ``final`` (the ensemble) and ``meta``.
     ``class_names[c]`` names class id ``c`` (index 0 = background). With ``std_suffix``
     (e.g. ``"_std"``), each value is shown as ``mean ± std``. A class without test episodes
     shows "-"; with ``{prefix}classes_drawn`` / ``{prefix}classes_total`` in ``metrics``, the
@@ -248,11 +255,27 @@ def format_table(
             s += f" ± {metrics[key + std_suffix]:5.2f}"
         return s
 
+    columns = [prefix]
+    headers = ["IoU (%)"]
+    if f"{prefix}meta/mIoU" in metrics:
+        columns, headers = [prefix, f"{prefix}meta/"], ["final IoU (%)", "meta IoU (%)"]
+    maps = [f"GmIoU/{m}" for m in ("cosine", "initial_mask", "posterior")]
+    summary = list(summary) + [m for m in maps if f"{prefix}{m}" in metrics]
     rows = []
     for cid in class_ids:
         name = class_names[cid] if class_names is not None and cid < len(class_names) else ""
-        rows.append((f"class {cid:>3} {name}".rstrip(), cell(f"{prefix}IoU/class_{cid}")))
-    rows += [(name, cell(f"{prefix}{name}")) for name in summary]
+        cells = [cell(f"{c}IoU/class_{cid}") for c in columns]
+        rows.append((f"class {cid:>3} {name}".rstrip(), cells))
+    for name in summary:
+        gm = name.startswith("GmIoU")  # the guidance maps are the meta learner's inputs
+        rows.append(
+            (
+                name,
+                [cell(f"{prefix}{name}")] + ["" for _ in columns[1:]]
+                if gm
+                else [cell(f"{c}{name}") for c in columns],
+            )
+        )
     note = ""  # after the mIoU: the classes it averages
     drawn, total = metrics.get(f"{prefix}classes_drawn"), metrics.get(f"{prefix}classes_total")
     if drawn is not None and total:
@@ -261,11 +284,19 @@ def format_table(
         if float(drawn) < int(total):
             note += " (-: no test episode)"
     width = max(len(r[0]) for r in rows)
-    lines = [f"{'':{width}}  IoU (%)", "-" * (width + 2 + max(len(r[1]) for r in rows))]
-    for i, (name, value) in enumerate(rows):
+    widths = [max([len(h)] + [len(r[1][i]) for r in rows]) for i, h in enumerate(headers)]
+
+    def line(name: str, cells: Sequence[str]) -> str:
+        return (
+            f"{name:{width}}  "
+            + "  ".join(f"{c:{w}}" for c, w in zip(cells, widths, strict=True)).rstrip()
+        )
+
+    lines = [line("", headers), "-" * (width + 2 + sum(widths) + 2 * (len(widths) - 1))]
+    for i, (name, cells) in enumerate(rows):
         if i == len(class_ids):
             lines.append("-" * len(lines[1]))
-        lines.append(f"{name:{width}}  {value}{note if name == 'mIoU' else ''}")
+        lines.append(line(name, cells) + (note if name == "mIoU" else ""))
     return "\n".join(lines)
 
 

@@ -113,6 +113,12 @@ def build_module(
         hp = dict(ckpt["hyper_parameters"])
         backbone = {**hp["backbone"], "weights": None}  # the checkpoint holds the weights
         hp.pop("original_resize", None)  # checkpoints before protocols were configurable
+        if isinstance(hp["model"].get("guidance"), str):
+            raise ValueError(
+                f"{cfg.ckpt_path} predates BAM's meta learner and ensemble (its model.guidance "
+                f"is {hp['model']['guidance']!r}, its decoder another network): train it again "
+                "with this version (python -m cgmgm.train ...)"
+            )
         if "kshot" not in hp["model"]:  # checkpoints before the K-shot reading was a switch
             hp["model"] = {**hp["model"], "kshot": "pool"}
             warnings.warn(

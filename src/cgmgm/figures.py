@@ -54,7 +54,7 @@ def episode_figure(
     class_names: Sequence[str] | None = None,
 ) -> Figure:
     """One row per episode: support (first shot) with its mask, query with the truth, query
-    with the prediction, then the cosine prior and (guidance gmm) the posterior over the query.
+    with the prediction, then the cosine prior and (when the posterior is computed) the posterior.
 
     batch: ``query_img`` [B, 3, H, W], ``query_mask`` [B, H, W], ``support_imgs``
     [B, K, 3, H, W], ``support_masks`` [B, K, H, W], ``class_id`` [B]; outputs: ``pred``

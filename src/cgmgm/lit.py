@@ -1,20 +1,26 @@
 """LightningModule around :class:`~cgmgm.models.cgmgm.CGMGM`: loss, optimiser, metrics.
 
-- Loss: cross-entropy of the 2-class ``logits`` against ``query_mask``, ignoring 255.
+- Loss (BAM): ``loss.final`` x CE(final logits) + ``loss.meta`` x CE(meta learner's logits)
+  against ``query_mask``, ignoring 255; without a base learner (the meta learner alone) the
+  one output's CE. In training the base background leaves out the episode's own class
+  (BAM: the training class is a base class the base learner knows).
 - Optimiser (BAM): SGD, momentum 0.9, weight decay 1e-4, base lr 0.005 with a 10x multiplier
-  on the new layers (every trainable parameter here: projection and decoder), poly decay
+  on the new layers (every trainable parameter: meta learner and ensemble), poly decay
   ``(1 - step / total) ** 0.9`` stepped every iteration, total = the trainer's estimated
   stepping batches; ``schedule="cosine"`` is the paper's cosine decay (Sec. 4.1) instead.
   The backbone is frozen and stays in eval mode (checked every epoch).
-- Metrics (val and test): :class:`~cgmgm.metrics.FSSIoU` of the prediction (argmax of the
-  logits) and of the guidance map binarised at 0.5 (GmIoU, paper Table 1), logged in percent
-  as ``{stage}/mIoU``, ``{stage}/FB-IoU``, ``{stage}/GmIoU``, ``{stage}/IoU/class_<id>``.
+- Metrics (val and test): :class:`~cgmgm.metrics.FSSIoU` of the final prediction (argmax of
+  the logits; the ensemble's with a base learner), logged in percent as ``{stage}/mIoU``,
+  ``{stage}/FB-IoU``, ``{stage}/IoU/class_<id>``; with an ensemble the meta learner's own as
+  ``{stage}/meta/...`` (BAM reports both); ``{stage}/GmIoU``: the primary guidance map
+  binarised at 0.5 (paper Table 1), and ``{stage}/GmIoU/<map>`` for every map computed
+  (cosine, initial_mask with IMG, posterior when used).
   Scored by :func:`cgmgm.metrics.score` under the run's protocol: at the original label size
   when episodes carry ``query_mask_orig`` (BAM/PFENet), else against ``query_mask``.
 - Frozen features: with :meth:`LitCGMGM.use_feature_cache`, batches carrying ``image_keys``
   take the backbone's outputs from a :class:`~cgmgm.features.FeatureCache` (identical results).
-- Training randomness (decoder dropout) is a pure function of (seed, epoch, batch, rank), so
-  resuming from a checkpoint reproduces an uninterrupted run.
+- Training randomness (the meta learner's dropout) is a pure function of (seed, epoch, batch,
+  rank), so resuming from a checkpoint reproduces an uninterrupted run.
 
 Hyper-parameters are plain dicts/lists/scalars, so checkpoints load with
 ``torch.load(path, weights_only=True)``.
@@ -34,15 +40,17 @@ from torch import Tensor
 from cgmgm.constants import IGNORE_INDEX
 from cgmgm.data.protocols import get_protocol
 from cgmgm.features import FeatureCache, backbone_fingerprint
-from cgmgm.metrics import FSSIoU, decide, episode_results, score
+from cgmgm.metrics import FSSIoU, decide, episode_results, flatten_results, score
 from cgmgm.models.backbone import build_backbone, load_body_state
 from cgmgm.models.base_learner import BaseLearner
-from cgmgm.models.cgmgm import CGMGM
+from cgmgm.models.cgmgm import CGMGM, GUIDANCES
 from cgmgm.models.resize import resize
 
 _PLAIN = (str, int, float, bool, type(None))
 # Map outputs passed on to callbacks (figures), at feature resolution [B, 1, h, w].
 MAP_KEYS = ("guidance", "cosine_prior", "posterior", "initial_mask")
+# The keys of the ``loss`` config (conf/train.yaml): the weights of CE(final) and CE(meta).
+LOSS_KEYS = ("final", "meta")
 # The keys of the ``optim`` config (conf/train.yaml, the one home of their values).
 OPTIM_KEYS = ("lr", "new_layer_lr_mult", "momentum", "weight_decay", "schedule", "poly_power")
 # model config key (dotted) -> CGMGM keyword; conf/model/cgmgm.yaml is the one home of values.
@@ -103,19 +111,22 @@ def model_kwargs(model: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def build_model(
-    model: Mapping[str, Any], backbone: Mapping[str, Any], base_learner_classes: int | None = None
+    model: Mapping[str, Any],
+    backbone: Mapping[str, Any],
+    base_learner_classes: int | None = None,
+    shot: int = 1,
 ) -> CGMGM:
     """CGMGM from the ``model`` and ``backbone`` config groups (see conf/model/cgmgm.yaml),
-    with a base learner over ``base_learner_classes`` (base classes + background) when given
-    (its weights and the backbone's then come from a stage-1 checkpoint:
-    :meth:`LitCGMGM.load_base`)."""
+    with a base learner over ``base_learner_classes`` (base classes + background) and BAM's
+    ensemble for ``shot`` shots when given (its weights and the backbone's then come from a
+    stage-1 checkpoint: :meth:`LitCGMGM.load_base`)."""
     bb = _require(backbone, ("name", "weights"), "backbone", "conf/backbone/<name>.yaml")
     weights = "none" if base_learner_classes else bb["weights"]  # the stage-1 body replaces them
     net = build_backbone(bb["name"], weights)
     base = None
     if base_learner_classes:
         base = BaseLearner(net.high_channels, int(base_learner_classes))
-    return CGMGM(net, base_learner=base, **model_kwargs(model))
+    return CGMGM(net, base_learner=base, shot=int(shot), **model_kwargs(model))
 
 
 def sgd_with_decay(trainer: L.Trainer, groups: list[dict], o: Mapping[str, Any]) -> dict:
@@ -160,6 +171,9 @@ class LitCGMGM(L.LightningModule):
         base_learner_classes: stage 2 on a stage-1 checkpoint: the base learner's classes
             (base + background); its weights and the backbone's are then loaded with
             :meth:`load_base` (and come back with the rest from this module's checkpoints).
+        shot: the episodes' shots (BAM's K-shot reweighting of the ensemble is built for it).
+        loss: {final, meta}: the weights of CE(final) and CE(meta) (conf/train.yaml); None
+            only for a model that is not trained.
     """
 
     def __init__(
@@ -173,6 +187,8 @@ class LitCGMGM(L.LightningModule):
         meta: dict | None = None,
         protocol: str = "bam",
         base_learner_classes: int | None = None,
+        shot: int = 1,
+        loss: dict | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("model", model), ("backbone", backbone), ("optim", optim)):
@@ -180,14 +196,23 @@ class LitCGMGM(L.LightningModule):
         _check_plain(list(class_ids), "class_ids")
         _check_plain(class_names, "class_names")
         _check_plain(meta, "meta")
+        _check_plain(loss, "loss")
         self.protocol = get_protocol(protocol)
         self.save_hyperparameters()
-        self.model = build_model(model, backbone, base_learner_classes)
+        self.model = build_model(model, backbone, base_learner_classes, shot)
         self.class_ids = [int(c) for c in class_ids]
         self.class_names = class_names
         n = len(self.class_ids)
-        self.val_iou, self.val_gm = FSSIoU(n), FSSIoU(n)
-        self.test_iou, self.test_gm = FSSIoU(n), FSSIoU(n)
+        # per stage: the final prediction, the meta learner's (with an ensemble), the primary
+        # guidance map (GmIoU) and each computed map (GmIoU/<map>)
+        maps = ["cosine"] + (["initial_mask"] if self.model.imgr.img else [])
+        maps += ["posterior"] if "posterior" in self.model.guidance else []
+        self.map_names = maps
+        self.scores = torch.nn.ModuleDict()
+        for stage in ("val", "test"):
+            names = ["iou", "gm"] + (["meta"] if self.model.has_ensemble else [])
+            names += [f"gm_{m}" for m in maps]
+            self.scores[stage] = torch.nn.ModuleDict({k: FSSIoU(n) for k in names})
         # frozen-feature cache (use_feature_cache); not state: checkpoints never hold it
         self._cache_spec: tuple[int, str | None] | None = None
         self.feature_cache: FeatureCache | None = None
@@ -236,8 +261,11 @@ class LitCGMGM(L.LightningModule):
     def on_test_start(self) -> None:
         self.bind_feature_cache()
 
-    def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
-        """Episode batch -> CGMGM outputs (``logits`` [B, 2, H, W], maps [B, 1, h, w])."""
+    def forward(
+        self, batch: Mapping[str, Any], base_exclude: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """Episode batch -> CGMGM outputs (``logits`` [B, 2, H, W], maps [B, 1, h, w]);
+        ``base_exclude`` as :meth:`CGMGM.forward`."""
         cache, keys = self.feature_cache, batch.get("image_keys")
         if cache is None or keys is None:
             return self.model(
@@ -245,6 +273,7 @@ class LitCGMGM(L.LightningModule):
                 batch["support_imgs"],
                 batch["support_masks"],
                 batch.get("query_valid"),
+                base_exclude,
             )
         query_img = batch["query_img"]  # [B, 3, H, W]
         query, support = cache.episode_features(
@@ -256,6 +285,7 @@ class LitCGMGM(L.LightningModule):
             batch["support_masks"],
             batch.get("query_valid"),
             tuple(query_img.shape[-2:]),
+            base_exclude,
         )
 
     @staticmethod
@@ -288,9 +318,21 @@ class LitCGMGM(L.LightningModule):
         torch.manual_seed(int(seq.generate_state(1, np.uint64)[0] >> 1))
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
-        out = self(batch)
-        loss = self.loss(out["logits"], batch["query_mask"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["query_mask"].shape[0])
+        target = batch["query_mask"]  # [B, H, W]
+        if not self.model.has_ensemble:
+            loss = self.loss(self(batch)["logits"], target)
+            self.log("train/loss", loss, prog_bar=True, batch_size=target.shape[0])
+            return loss
+        w = _require(self.hparams.loss or {}, LOSS_KEYS, "loss", "conf/train.yaml")
+        # BAM: a training episode's class is a base class; its base label (its position in
+        # the training classes + 1, the base learner's order) leaves the base background
+        out = self(batch, base_exclude=batch["class_idx"].long() + 1)
+        final = self.loss(out["logits"], target)
+        meta = self.loss(out["meta_logits"], target)
+        loss = w["final"] * final + w["meta"] * meta
+        b = target.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        self.log_dict({"train/loss_final": final, "train/loss_meta": meta}, batch_size=b)
         return loss
 
     def configure_optimizers(self) -> Any:
@@ -311,10 +353,14 @@ class LitCGMGM(L.LightningModule):
     # ------------------------------------------------------------------ evaluation
 
     def _eval_step(self, batch: Mapping[str, Tensor], stage: str) -> dict[str, Tensor]:
-        iou, gm = (self.val_iou, self.val_gm) if stage == "val" else (self.test_iou, self.test_gm)
+        scores = self.scores[stage]
         out = self(batch)
-        score(iou, out["logits"], batch, self.protocol)
-        score(gm, out["guidance"], batch, self.protocol)  # GmIoU
+        score(scores["iou"], out["logits"], batch, self.protocol)
+        score(scores["gm"], out["guidance"], batch, self.protocol)  # GmIoU
+        if "meta" in scores:
+            score(scores["meta"], out["meta_logits"], batch, self.protocol)
+        for m in self.map_names:
+            score(scores[f"gm_{m}"], out[GUIDANCES[m]], batch, self.protocol)
         target = batch["query_mask"]  # [B, H, W]
         logits = resize(out["logits"], target.shape[-2:])  # [B, 2, H, W]
         if stage == "val" and not self.training_free:  # monitored in training; a test has none
@@ -323,11 +369,18 @@ class LitCGMGM(L.LightningModule):
         return {"pred": decide(logits), **maps}  # pred [B, H, W], maps [B, 1, h, w]
 
     def _log_epoch(self, stage: str) -> None:
-        iou, gm = (self.val_iou, self.val_gm) if stage == "val" else (self.test_iou, self.test_gm)
+        scores = self.scores[stage]
         # metrics are already reduced over processes by torchmetrics
-        self.log_dict(episode_results(iou, gm, f"{stage}/", self.class_ids))
-        iou.reset()
-        gm.reset()
+        results = episode_results(scores["iou"], scores["gm"], f"{stage}/", self.class_ids)
+        if "meta" in scores:
+            results.update(
+                flatten_results(scores["meta"].compute(), f"{stage}/meta/", self.class_ids)
+            )
+        for m in self.map_names:
+            results[f"{stage}/GmIoU/{m}"] = float(scores[f"gm_{m}"].compute()["mIoU"])
+        self.log_dict(results)
+        for metric in scores.values():
+            metric.reset()
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         return self._eval_step(batch, "val")

@@ -1,17 +1,26 @@
-"""Train CGMGM on a fold's base classes, then test on its novel classes.
+"""The paper's system on a fold: BAM's stage 1, CGMGM + BAM's ensemble trained on the fold's
+base classes, then the test on its novel classes.
 
     python -m cgmgm.train                                 # embedded benchmark, defaults
-    python -m cgmgm.train dataset=synthetic fold=2 shot=5 model.guidance=cosine
+    python -m cgmgm.train dataset=synthetic fold=2 shot=5 ablation=bam
+    python -m cgmgm.train base_ckpt=<stage-1 run>/checkpoints/best.ckpt  # stage 2 only
+    python -m cgmgm.train base_ckpt=null                  # the meta learner alone
     python -m cgmgm.train -m model.gmm.components=1,2,3 model.gmm.covariance=diag,full
     python -m cgmgm.train hydra.run.dir=<run dir> ckpt_path=<run dir>/checkpoints/last.ckpt
+
+Stage 1 (``base_ckpt=fit``, the default) is :func:`cgmgm.train_base.train_base` with this
+run's dataset, fold, backbone, seed, recipe and logger, in its own directory under
+``stage1.root`` named by those settings and a hash of its whole config; a finished stage 1
+there is reused (every shot, ablation and stage-2 setting of a fold shares it, as in BAM).
 
 Writes into the Hydra output dir (by default a new one per run, ``outputs/train/<time>_<pid>``;
 ``hydra.run.dir=...`` to choose it, refused if it already holds another run's files):
 ``checkpoints/`` (``last.ckpt`` after every validation and on Ctrl+C, and the best on
 ``val/mIoU``), ``csv/metrics.csv``, ``figures/*.png`` and ``metrics.json`` (flat keys
 ``test/mIoU``, ``test/FB-IoU``, ``test/GmIoU``, ``test/IoU/class_<id>``, in percent,
-``test/classes_drawn`` of ``test/classes_total`` classes had test episodes, plus the run's
-fold, shot, seed, guidance...).
+``test/classes_drawn`` of ``test/classes_total`` classes had test episodes, the meta
+learner's own ``test/meta/...`` beside the ensemble's, ``test/GmIoU/<map>`` per guidance map,
+plus the run's fold, shot, seed, guidance...).
 
 Resume in place (the last command above) to keep the best-checkpoint bookkeeping (Lightning
 keeps it per directory); nothing earlier is deleted: this run's config goes to
@@ -22,6 +31,9 @@ run's backbone and model settings (an error says which differ).
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import sys
 import time
 import warnings
@@ -30,16 +42,19 @@ from typing import Any
 
 import hydra
 import lightning as L
+import yaml
+from filelock import FileLock
 from hydra.utils import instantiate
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cgmgm.base_ckpt import check_base_checkpoint, load_base_checkpoint
 from cgmgm.config import (
     attach_feature_cache,
     build_datamodule,
     check_protocol,
+    compose,
     config_dir,
     instantiate_callbacks,
     instantiate_loggers,
@@ -54,6 +69,7 @@ from cgmgm.config import (
 from cgmgm.lit import LitCGMGM, class_names_of
 from cgmgm.loggers import finish_loggers
 from cgmgm.metrics import classes_drawn
+from cgmgm.train_base import train_base
 
 
 class SaveOnInterrupt(L.Callback):
@@ -125,7 +141,7 @@ def _resumed_stage1(resume: dict[str, Any], cfg: DictConfig) -> dict[str, Any]:
     hp = resume["hyper_parameters"]
     stage1 = dict((hp.get("meta") or {}).get("stage1") or {})
     stage1["base_learner_classes"] = hp.get("base_learner_classes")
-    if cfg.base_ckpt:
+    if cfg.base_ckpt and cfg.base_ckpt != "fit":
         given = str(Path(str(cfg.base_ckpt)).expanduser().resolve())
         if given != stage1.get("base_ckpt"):
             raise ValueError(
@@ -151,6 +167,111 @@ def _stage1_record(cfg: DictConfig, base: Any) -> dict[str, Any]:
     }
 
 
+# What stage 1 takes from this run's config: whole nodes, then top-level values, then the
+# trainer's device keys (the rest of stage 1's trainer is its own: epochs from the recipe).
+STAGE1_NODES = ("dataset", "backbone", "recipe", "logger")
+STAGE1_VALUES = ("fold", "seed", "protocol", "test_seed")
+STAGE1_DEVICE = ("accelerator", "devices", "num_nodes", "strategy", "precision")
+
+
+def stage1_config(cfg: DictConfig) -> DictConfig:
+    """cgmgm.train_base's config for this run's stage 1, with ``paths.output_dir`` its
+    directory under ``stage1.root``: named by dataset, fold, backbone and seed, and a hash of the
+    whole resolved config, so another setting never reuses it. ``stage1.overrides`` are Hydra
+    overrides of stage 1's own keys; those of the keys taken from this run (``STAGE1_NODES``,
+    ``STAGE1_VALUES``, e.g. ``seed=0`` or ``dataset.train_transform=protocol``) are applied
+    after them and win."""
+    shared = STAGE1_NODES + STAGE1_VALUES
+    own, late = [], []  # stage 1's own keys (composed), keys taken from this run (set after)
+    for item in map(str, cfg.stage1.overrides):
+        key = item.split("=", 1)[0].lstrip("+~")
+        (late if key.split(".")[0] in shared else own).append(item)
+    base = compose("train_base", own)
+    OmegaConf.set_struct(base, False)
+    for node in STAGE1_NODES:
+        base[node] = OmegaConf.to_container(cfg[node], resolve=False) if cfg.get(node) else None
+    for key in STAGE1_VALUES:
+        base[key] = cfg[key]
+    for item in late:  # e.g. seed=0 (one stage 1 for every seed), dataset.train_transform=...
+        key, _, value = item.partition("=")
+        if OmegaConf.select(base, key.lstrip("+~"), default="<missing>") == "<missing>":
+            raise ValueError(f"stage1.overrides: {key!r} is not a key of stage 1's config")
+        OmegaConf.update(base, key.lstrip("+~"), yaml.safe_load(value) if value else None)
+    for key in STAGE1_DEVICE:
+        if key in cfg.trainer:
+            base.trainer[key] = cfg.trainer[key]
+    base.paths.output_dir = "<stage1>"
+    mine = {k: v for k, v in OmegaConf.to_container(base, resolve=True).items()}
+    for key in ("paths", "logger", "callbacks", "hydra"):
+        mine.pop(key, None)
+    mine["trainer"] = {k: v for k, v in mine["trainer"].items() if k != "default_root_dir"}
+    digest = hashlib.sha1(repr(sorted(_flat(mine))).encode()).hexdigest()[:8]
+    name = (
+        f"{cfg.dataset.get('dataset', 'data')}-fold{base.fold}-{cfg.backbone.name}-seed{base.seed}"
+    )
+    base.paths.output_dir = str(
+        Path(str(cfg.stage1.root)).expanduser().resolve() / f"{name}-{digest}"
+    )
+    OmegaConf.set_struct(base, True)
+    return base
+
+
+def _flat(node: Any, prefix: str = "") -> list[tuple[str, str]]:
+    if isinstance(node, dict):
+        return [kv for k, v in node.items() for kv in _flat(v, f"{prefix}{k}.")]
+    return [(prefix, repr(node))]
+
+
+def fit_stage1(cfg: DictConfig) -> str:
+    """``base_ckpt=fit``: this run's stage-1 checkpoint, from a finished stage 1 in its
+    directory (:func:`stage1_config`) or trained there now; returns its path. A directory
+    holding an unfinished stage 1 is an error saying how to resume it (nothing is overwritten);
+    concurrent runs of one setting wait for each other (a lock beside the directory)."""
+    base = stage1_config(cfg)
+    out = Path(base.paths.output_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    launched = "LOCAL_RANK" in os.environ  # a DDP process started by rank 0: it holds the lock
+    with FileLock(str(out) + ".lock") if not launched else _no_lock():
+        done = _finished_stage1(out)
+        if done is None:
+            if out.exists() and any(out.iterdir()) and not launched:
+                raise FileExistsError(
+                    f"stage 1 dir {out} holds an unfinished stage 1 (no metrics.json): resume it "
+                    f"with `python -m cgmgm.train_base hydra.run.dir={out} "
+                    f"ckpt_path={out}/checkpoints/last.ckpt` and this run's dataset, fold, "
+                    "backbone and seed overrides, or move it away to train it again"
+                )
+            print(f"stage 1: training the base learner in {out}")
+            done = train_base(base)["base_ckpt"]
+        else:
+            print(f"stage 1: reusing the finished stage 1 in {out} ({done})")
+    if not done:
+        raise RuntimeError(f"stage 1 in {out} saved no best checkpoint (no validation ran?)")
+    return str(done)
+
+
+class _no_lock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _finished_stage1(out: Path) -> str | None:
+    """The best checkpoint of a finished stage 1 in ``out`` (its metrics.json says which)."""
+    path = out / "metrics.json"
+    if not path.is_file():
+        return None
+    ckpt = json.loads(path.read_text()).get("base_ckpt")
+    if not ckpt or not Path(ckpt).is_file():
+        raise FileNotFoundError(
+            f"{path} names stage-1 checkpoint {ckpt}, which is missing: move {out} away to "
+            "train stage 1 again, or pass base_ckpt=<a stage-1 checkpoint>"
+        )
+    return str(ckpt)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test, print the table and write metrics.json; returns the metrics dict."""
     start = time.perf_counter()
@@ -171,6 +292,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     base, stage1 = None, None
     if resume is not None:  # the checkpoint holds its stage-1 weights (and says which file)
         stage1 = _resumed_stage1(resume, cfg)
+    elif cfg.base_ckpt == "fit":
+        base = load_base_checkpoint(fit_stage1(cfg))
     elif cfg.base_ckpt:
         base = load_base_checkpoint(cfg.base_ckpt)
     L.seed_everything(cfg.seed, workers=True)
@@ -206,12 +329,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             if base is not None
             else (stage1 or {}).get("base_learner_classes")  # a resumed stage 2
         ),
+        shot=int(cfg.shot),
+        loss=to_plain(cfg.loss),
     )
     if base is not None:
         module.load_base(base)
         print(
             f"stage 2 on {base.path}: its fine-tuned backbone and base learner "
-            f"({base.num_classes - 1} base classes), frozen; backbone.weights is not used"
+            f"({base.num_classes - 1} base classes), frozen; backbone.weights is not used; "
+            "BAM's ensemble fuses the meta learner with the base learner"
+        )
+    elif not module.model.has_ensemble:
+        print(
+            "stage 2 without a base learner (base_ckpt=null): the meta learner alone on the "
+            f"backbone's own weights ({cfg.backbone.weights}), no ensemble; test/mIoU is the "
+            "meta learner's"
         )
         del base
     if resume is not None:
@@ -235,6 +367,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics.update(info)
         metrics.update(protocol_record(datamodule))
         metrics["test_ckpt"] = str(ckpt) if ckpt else "last"
+        # test/mIoU is BAM's ensemble's with a base learner, else the meta learner's alone
+        metrics["ensemble"] = module.model.has_ensemble
         metrics["feature_cache"] = {**cache, **module.feature_cache_stats()}
         if best is not None and best.best_model_score is not None:
             metrics["val/mIoU_best"] = float(best.best_model_score)
