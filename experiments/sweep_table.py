@@ -20,89 +20,16 @@ Writes ``sweep_table.md`` and ``fig6.png`` into the sweep directory (or ``--out`
 from __future__ import annotations
 
 import argparse
-import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-METRICS = ("test/mIoU", "test/FB-IoU", "test/GmIoU")
+from cgmgm.sweeps import METRICS, aggregate, fmt, job_value, load_jobs
 
-
-def _value(text: str) -> Any:
-    """An override's value as int / float when it parses, else the string."""
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def _parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    out = {}
-    for item in items:
-        key, _, value = str(item).partition("=")
-        out[key.lstrip("+~")] = _value(value)
-    return out
-
-
-def _select(config: dict, dotted: str) -> Any:
-    node: Any = config
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def load_jobs(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """Every job under ``sweep_dir`` with a metrics.json, sorted by job number: dicts with
-    ``dir``, ``overrides`` ({key: value}), ``config`` (.hydra/config.yaml) and ``metrics``."""
-    jobs = []
-    for metrics_path in sorted(Path(sweep_dir).glob("*/metrics.json")):
-        job = metrics_path.parent
-        hydra_dir = job / ".hydra"
-        overrides = []
-        if (hydra_dir / "overrides.yaml").is_file():
-            overrides = yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) or []
-        config = {}
-        if (hydra_dir / "config.yaml").is_file():
-            config = yaml.safe_load((hydra_dir / "config.yaml").read_text()) or {}
-        jobs.append(
-            {
-                "dir": job,
-                "overrides": _parse_overrides(overrides),
-                "config": config,
-                "metrics": json.loads(metrics_path.read_text()),
-            }
-        )
-    jobs.sort(
-        key=lambda j: (
-            (0, int(j["dir"].name), "") if j["dir"].name.isdigit() else (1, 0, j["dir"].name)
-        )
-    )
-    if not jobs:
-        raise FileNotFoundError(f"no <job>/metrics.json under {sweep_dir}")
-    return jobs
-
-
-def job_value(job: dict[str, Any], key: str) -> Any:
-    """``key`` from the job's overrides, else from its composed config."""
-    if key in job["overrides"]:
-        return job["overrides"][key]
-    return _select(job["config"], key)
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return "-" if math.isnan(v) else f"{v:.2f}"
-    return "-" if v is None else str(v)
+__all__ = ["aggregate", "aggregate_table", "job_value", "load_jobs", "markdown_table", "plot"]
 
 
 def markdown_table(jobs: list[dict[str, Any]], metrics: Sequence[str] = METRICS) -> str:
@@ -114,38 +41,10 @@ def markdown_table(jobs: list[dict[str, Any]], metrics: Sequence[str] = METRICS)
     header = ["job", *varying, *metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for job in jobs:
-        row = [job["dir"].name, *(_fmt(job_value(job, k)) for k in varying)]
-        row += [_fmt(job["metrics"].get(m)) for m in metrics]
+        row = [job["dir"].name, *(fmt(job_value(job, k)) for k in varying)]
+        row += [fmt(job["metrics"].get(m)) for m in metrics]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
-
-
-def aggregate(
-    jobs: list[dict[str, Any]], over: str, metrics: Sequence[str] = METRICS
-) -> list[dict[str, Any]]:
-    """Group the jobs that differ only in ``over``; each group -> a row dict with ``key``
-    ({override: value} of the group), ``n`` and, per metric, ``mean`` and ``std`` (sample std;
-    0 for one job; NaN when no job has it)."""
-    keys = []
-    for job in jobs:
-        keys += [k for k in job["overrides"] if k not in keys and k != over]
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for job in jobs:
-        groups.setdefault(tuple(repr(job_value(job, k)) for k in keys), []).append(job)
-    rows = []
-    for members in groups.values():
-        row: dict[str, Any] = {"key": {k: job_value(members[0], k) for k in keys}}
-        row["n"] = len(members)
-        for m in metrics:
-            vals = np.array(
-                [float(j["metrics"][m]) for j in members if j["metrics"].get(m) is not None]
-            )
-            row[m] = (
-                float(vals.mean()) if len(vals) else math.nan,
-                float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
-            )
-        rows.append(row)
-    return rows
 
 
 def aggregate_table(jobs: list[dict[str, Any]], over: str, metrics: Sequence[str] = METRICS) -> str:
@@ -156,8 +55,8 @@ def aggregate_table(jobs: list[dict[str, Any]], over: str, metrics: Sequence[str
     header = [*varying, f"n ({over})", *metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells = [_fmt(r["key"][k]) for k in varying] + [str(r["n"])]
-        cells += [f"{_fmt(r[m][0])} ± {_fmt(r[m][1])}" for m in metrics]
+        cells = [fmt(r["key"][k]) for k in varying] + [str(r["n"])]
+        cells += [f"{fmt(r[m][0])} ± {fmt(r[m][1])}" for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

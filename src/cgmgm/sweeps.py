@@ -1,0 +1,284 @@
+"""Hydra sweeps -> tables: each job's ``metrics.json`` and config, mean ± std over seeds, and
+the paper's Tables 1 and 5 printed in its layout with its numbers beside ours.
+
+    python -m cgmgm.train experiment=table5      # 5 rows x 3 seeds, then the table
+    python -m cgmgm.train experiment=table1      # BAM's cosine prior vs CGMGM, 3 seeds
+
+``experiment=table5`` / ``table1`` attach :class:`PaperTable` as a Hydra callback: when the
+multirun ends it reads every job of the sweep directory and prints and writes
+``table5.md`` / ``table1.md`` there. ``python -m cgmgm.sweeps <sweep dir> --table 5`` prints it
+again (e.g. for a sweep that was interrupted and resumed by hand).
+
+A row's paper number comes from the job's ``paper`` node (the ``ablation=`` config that names
+the row); it is shown only when the job's model ran that row (its ``img``, ``imr`` and guidance
+maps), so a user's override never borrows the paper's number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from hydra.experimental.callback import Callback
+
+METRICS = ("test/mIoU", "test/FB-IoU", "test/GmIoU")
+
+
+def _value(text: str) -> Any:
+    """An override's value as int / float when it parses, else the string."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        key, _, value = str(item).partition("=")
+        out[key.lstrip("+~")] = _value(value)
+    return out
+
+
+def _select(config: dict, dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def load_jobs(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """Every job under ``sweep_dir`` with a metrics.json, sorted by job number: dicts with
+    ``dir``, ``overrides`` ({key: value}), ``config`` (.hydra/config.yaml) and ``metrics``."""
+    jobs = []
+    for metrics_path in sorted(Path(sweep_dir).glob("*/metrics.json")):
+        job = metrics_path.parent
+        hydra_dir = job / ".hydra"
+        overrides = []
+        if (hydra_dir / "overrides.yaml").is_file():
+            overrides = yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) or []
+        config = {}
+        if (hydra_dir / "config.yaml").is_file():
+            config = yaml.safe_load((hydra_dir / "config.yaml").read_text()) or {}
+        jobs.append(
+            {
+                "dir": job,
+                "overrides": _parse_overrides(overrides),
+                "config": config,
+                "metrics": json.loads(metrics_path.read_text()),
+            }
+        )
+    jobs.sort(
+        key=lambda j: (
+            (0, int(j["dir"].name), "") if j["dir"].name.isdigit() else (1, 0, j["dir"].name)
+        )
+    )
+    if not jobs:
+        raise FileNotFoundError(f"no <job>/metrics.json under {sweep_dir}")
+    return jobs
+
+
+def job_value(job: dict[str, Any], key: str) -> Any:
+    """``key`` from the job's overrides, else from its composed config."""
+    if key in job["overrides"]:
+        return job["overrides"][key]
+    return _select(job["config"], key)
+
+
+def fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "-" if math.isnan(v) else f"{v:.2f}"
+    return "-" if v is None else str(v)
+
+
+def aggregate(
+    jobs: list[dict[str, Any]], over: str, metrics: Sequence[str] = METRICS
+) -> list[dict[str, Any]]:
+    """Group the jobs that differ only in ``over``; each group -> a row dict with ``key``
+    ({override: value} of the group), ``n`` and, per metric, ``mean`` and ``std`` (sample std;
+    0 for one job; NaN when no job has it)."""
+    keys = []
+    for job in jobs:
+        keys += [k for k in job["overrides"] if k not in keys and k != over]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for job in jobs:
+        groups.setdefault(tuple(repr(job_value(job, k)) for k in keys), []).append(job)
+    rows = []
+    for members in groups.values():
+        row: dict[str, Any] = {"key": {k: job_value(members[0], k) for k in keys}}
+        row["n"] = len(members)
+        for m in metrics:
+            vals = np.array(
+                [float(j["metrics"][m]) for j in members if j["metrics"].get(m) is not None]
+            )
+            row[m] = (
+                float(vals.mean()) if len(vals) else math.nan,
+                float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
+            )
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------- paper tables
+
+ROW_KEYS = ("paper.row",)  # jobs of one paper row (over seeds) share these
+
+
+def _ran_row(job: dict[str, Any]) -> bool:
+    """Whether the job's model is the configuration its ``paper`` node's Table 5 row names."""
+    t5 = _select(job["config"], "paper.table5") or {}
+    model = job["config"].get("model") or {}
+    guidance = model.get("guidance") or []
+    cq = "posterior" in guidance
+    return (
+        bool(t5)
+        and (model.get("img"), model.get("imr"), cq)
+        == (
+            t5.get("img"),
+            t5.get("imr"),
+            t5.get("cq"),
+        )
+        and (cq or guidance in (["cosine"], ["initial_mask"]))
+    )
+
+
+def _cell(mean_std: tuple[float, float], n: int) -> str:
+    mean, std = mean_std
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
+
+
+def _rows(jobs: list[dict[str, Any]], metrics: Sequence[str]) -> list[dict[str, Any]]:
+    """Jobs grouped by paper row (mean ± std over the rest: the seeds), in the paper's order."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for job in jobs:
+        row = _select(job["config"], "paper.row")
+        if row is None:
+            raise ValueError(
+                f"{job['dir']}: the job names no paper row (run it with ablation=<row>, e.g. "
+                "experiment=table5)"
+            )
+        groups.setdefault(str(row), []).append(job)
+    out = []
+    for name, members in groups.items():
+        r: dict[str, Any] = {"row": name, "n": len(members), "jobs": members}
+        r["paper"] = _select(members[0]["config"], "paper")
+        r["ran_row"] = all(_ran_row(j) for j in members)
+        r["seeds"] = [job_value(j, "seed") for j in members]
+        for m in metrics:
+            vals = np.array(
+                [float(j["metrics"][m]) for j in members if j["metrics"].get(m) is not None]
+            )
+            r[m] = (
+                float(vals.mean()) if len(vals) else math.nan,
+                float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
+            )
+        out.append(r)
+    out.sort(key=lambda r: (r["paper"].get("table5") or {}).get("order", 99))
+    return out
+
+
+def _mark(flag: Any) -> str:
+    return "✓" if flag else ""
+
+
+TABLE5_METRICS = (
+    "test/mIoU",
+    "test/meta/mIoU",
+    "test/FB-IoU",
+    "test/GmIoU",
+    "test/GmIoU/cosine",
+    "test/GmIoU/initial_mask",
+    "test/GmIoU/posterior",
+)
+
+
+def table5(jobs: list[dict[str, Any]]) -> str:
+    """Table 5's layout (IMG | IMR | C&Q | mIoU) with the paper's mIoU beside ours (final =
+    BAM's ensemble, meta = the meta learner alone), FB-IoU and each guidance map's GmIoU."""
+    rows = _rows(jobs, TABLE5_METRICS)
+    header = [
+        "IMG", "IMR", "C&Q", "paper mIoU", "ours mIoU (final)", "meta mIoU", "FB-IoU",
+        "GmIoU (guidance)", "GmIoU cosine", "GmIoU M_q", "GmIoU posterior", "n",
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        t5, n = r["paper"].get("table5") or {}, r["n"]
+        paper = f"{t5['mIoU']:.2f}" if r["ran_row"] and "mIoU" in t5 else "(modified)"
+        cfg = r["jobs"][0]["config"]["model"]
+        cells = [_mark(cfg["img"]), _mark(cfg["imr"]), _mark("posterior" in cfg["guidance"])]
+        cells += [paper] + [_cell(r[m], n) for m in TABLE5_METRICS] + [str(n)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def table1(jobs: list[dict[str, Any]]) -> str:
+    """Table 1's layout (guidance method | GmIoU | FmIoU), the paper's beside ours."""
+    metrics = ("test/GmIoU", "test/mIoU")
+    rows = [r for r in _rows(jobs, metrics) if r["paper"].get("table1")]
+    header = ["guidance", "paper GmIoU", "paper FmIoU", "ours GmIoU", "ours FmIoU", "n"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        t1, n = r["paper"]["table1"], r["n"]
+        paper = [f"{t1['GmIoU']:.2f}", f"{t1['FmIoU']:.2f}"] if r["ran_row"] else ["-", "-"]
+        name = t1["guidance"] + ("" if r["ran_row"] else " (modified)")
+        cells = [name, *paper, *(_cell(r[m], n) for m in metrics), str(n)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+TABLES = {"1": table1, "5": table5}
+
+
+def write_paper_table(sweep_dir: str | Path, table: str) -> str:
+    """Table ``table`` ("1" or "5") of the jobs under ``sweep_dir``, printed and written to
+    ``<sweep_dir>/table<table>.md``; returns the markdown."""
+    if str(table) not in TABLES:
+        raise ValueError(f"table must be one of {list(TABLES)}, got {table!r}")
+    jobs = load_jobs(sweep_dir)
+    text = TABLES[str(table)](jobs)
+    first = jobs[0]["metrics"]
+    seeds = sorted({str(job_value(j, "seed")) for j in jobs})
+    where = (
+        f"{first.get('dataset')} fold {first.get('fold')}, {first.get('shot')}-shot, "
+        f"{first.get('backbone')}; mean ± sample std over training seeds {', '.join(seeds)}; "
+        "the paper: PASCAL-5i, 1-shot, ResNet-50"
+    )
+    text = f"Table {table} ({where})\n\n{text}"
+    path = Path(sweep_dir) / f"table{table}.md"
+    path.write_text(text + "\n")
+    print(f"\n{text}\n\n{path}")
+    return text
+
+
+class PaperTable(Callback):
+    """Hydra callback: at the end of a multirun, the paper's Table ``table`` of its jobs."""
+
+    def __init__(self, table: str | int) -> None:
+        self.table = str(table)
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        write_paper_table(config.hydra.sweep.dir, self.table)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="the paper's Table 1 or 5 from a sweep directory")
+    ap.add_argument("sweep_dir", type=Path, help="a multirun directory (experiment=table5)")
+    ap.add_argument("--table", default="5", choices=sorted(TABLES))
+    args = ap.parse_args(argv)
+    write_paper_table(args.sweep_dir, args.table)
+
+
+if __name__ == "__main__":
+    main()
