@@ -11,7 +11,7 @@ line per value of ``--line`` (default: mIoU against M, one line per covariance t
 With ``--over seed`` (any override key), jobs that differ only in that key become one row of
 ``mean ± std`` (sample standard deviation) over them, with the count ``n``:
 
-    python -m cgmgm.train -m seed=0,1,2 model.guidance=gmm,cosine
+    python -m cgmgm.train -m seed=0,1,2 ablation=bam,cgmgm
     python experiments/sweep_table.py multirun/train/<date_time> --over seed
 
 Writes ``sweep_table.md`` and ``fig6.png`` into the sweep directory (or ``--out``).

@@ -55,7 +55,7 @@ def test_table_experiments_sweep_rows_and_seeds_and_print_the_table(name, table)
     assert cfg.hydra.callbacks.paper_table.table == table
 
 
-def _job(root, n, row, seed, metrics, **model):
+def _job(root, n, row, seed, metrics, ensemble=True, **model):
     cfg = _compose(f"ablation={row}", f"seed={seed}", *(f"model.{k}={v}" for k, v in model.items()))
     d = root / str(n)
     (d / ".hydra").mkdir(parents=True)
@@ -67,6 +67,7 @@ def _job(root, n, row, seed, metrics, **model):
         yaml.safe_dump({k: plain[k] for k in ("model", "paper", "seed")})
     )
     record = {"dataset": "synthetic", "fold": 0, "shot": 1, "backbone": "efficientnet_lite0"}
+    record["ensemble"] = ensemble
     (d / "metrics.json").write_text(json.dumps({**record, **metrics}))
 
 
@@ -101,10 +102,27 @@ def test_table5_in_the_papers_layout_with_mean_and_std_over_seeds(tmp_path, caps
 def test_a_modified_row_does_not_borrow_the_papers_number(tmp_path):
     _job(tmp_path, 0, "bam", 0, {"test/mIoU": 30.0, "test/GmIoU": 10.0})
     _job(tmp_path, 1, "cgmgm", 0, {"test/mIoU": 31.0, "test/GmIoU": 11.0}, img="false", imr="false")
+    _job(tmp_path, 2, "img_imr", 0, {"test/mIoU": 32.0}, guidance="[initial_mask,cosine]")
+    _job(tmp_path, 3, "cq", 0, {"test/mIoU": 33.0}, ensemble=False)  # no stage 1
     text = sweeps.write_paper_table(tmp_path, "1")
     assert "| Prototype with CS (BAM) | 24.11 | 67.81 | 10.00 | 30.00 | 1 |" in text
-    assert "| CGMGM (Ours) (modified) | - | - | 11.00 | 31.00 | 1 |" in text
-    assert "69.85" not in sweeps.write_paper_table(tmp_path, "5")
+    assert "| CGMGM (Ours) (not the row) | - | - | 11.00 | 31.00 | 1 |" in text
+    table5 = sweeps.write_paper_table(tmp_path, "5")
+    assert "67.81" in table5
+    for paper in ("69.85", "68.58", "66.95"):
+        assert paper not in table5
+    assert table5.count("(not the row)") == 3
+
+
+def test_another_varying_override_makes_labelled_rows(tmp_path):
+    for n, (fold, v) in enumerate([(0, 30.0), (0, 32.0), (1, 50.0), (1, 54.0)]):
+        _job(tmp_path, n, "bam", n % 2, {"test/mIoU": v})
+        cfg = tmp_path / str(n) / ".hydra" / "overrides.yaml"
+        cfg.write_text(yaml.safe_dump(["ablation=bam", f"seed={n % 2}", f"fold={fold}"]))
+    text = sweeps.write_paper_table(tmp_path, "5")
+    assert "| fold=0: " in text and "| fold=1: " in text
+    assert f"31.00 ± {statistics.stdev([30.0, 32.0]):.2f}" in text
+    assert f"52.00 ± {statistics.stdev([50.0, 54.0]):.2f}" in text
 
 
 def test_a_job_without_a_row_is_an_error(tmp_path):

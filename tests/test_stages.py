@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from _model_helpers import TINY_DATA
 from cgmgm.config import compose
@@ -273,3 +274,59 @@ def test_stage2_resumes_and_evaluates_on_its_stage1(stage1, tmp_path):
     )
     metrics = evaluate(cfg)
     assert metrics["stage1"]["base_ckpt"] == base_ckpt and 0 <= metrics["test/mIoU"] <= 100
+
+
+def test_training_episodes_class_idx_plus_one_is_the_base_learners_label(tmp_path):
+    """The ensemble leaves out base label class_idx + 1 in training: that must be the label
+    stage 1 gave the episode's class (cgmgm.data.base.base_label_table of its base classes)."""
+    from cgmgm.config import build_datamodule
+    from cgmgm.data.base import base_label_table
+
+    cfg = _cfg("train", tmp_path, *STAGE2, "base_ckpt=null", "fold=2")
+    dm = build_datamodule(cfg)
+    dm.setup("fit")
+    table = base_label_table(dm.train_class_ids)
+    batches = 0
+    for batch in dm.train_dataloader():
+        labels = table[batch["class_id"].numpy()]
+        assert (labels == batch["class_idx"].numpy() + 1).all()
+        assert (labels > 0).all()  # every training class is a base class
+        batches += 1
+    assert batches > 0
+
+
+def test_stage1_is_named_by_what_it_trains_only(tmp_path):
+    """Stage-2-only settings (its recipe, episode counts, batch sizes, test seed, devices) share
+    one stage 1; stage 1's own settings and the dataset's images do not."""
+    from cgmgm.train import stage1_config
+
+    def where(*extra: str) -> str:
+        cfg = _cfg("train", tmp_path, *STAGE2, f"stage1.root={tmp_path / 's1'}", *extra)
+        return stage1_config(cfg).paths.output_dir
+
+    same = ("recipe.lr=0.01", "recipe.components=2", "dataset.batch_size=4", "test_seed=7",
+            "dataset.train_episodes=16", "trainer.devices=1", "shot=5")  # fmt: skip
+    for extra in same:
+        assert where(extra) == where(), extra
+    for extra in ("recipe.base_lr=0.01", "fold=1", "dataset.dataset_kwargs.image_size=48"):
+        assert where(extra) != where(), extra
+    with pytest.raises(ValueError, match="takes dataset from this run"):
+        where("stage1.overrides=['dataset=pascal']")
+
+
+def test_a_finished_stage1_of_other_settings_is_not_reused(tmp_path):
+    """Its stage1.yaml must be this run's stage 1 (e.g. resumed by hand with other settings)."""
+    from cgmgm.train import fit_stage1, stage1_config, stage1_identity
+
+    cfg = _cfg("train", tmp_path, *STAGE2, f"stage1.root={tmp_path / 's1'}")
+    out = Path(stage1_config(cfg).paths.output_dir)
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "best.ckpt").write_bytes(b"x")
+    (out / "metrics.json").write_text(json.dumps({"base_ckpt": str(out / "checkpoints/best.ckpt")}))
+    theirs = stage1_identity(stage1_config(cfg))
+    theirs["optim"]["lr"] = 0.5
+    (out / "stage1.yaml").write_text(yaml.safe_dump(theirs))
+    with pytest.raises(ValueError, match=r"other settings \(optim.lr"):
+        fit_stage1(cfg)
+    (out / "stage1.yaml").write_text(yaml.safe_dump(stage1_identity(stage1_config(cfg))))
+    assert fit_stage1(cfg) == str(out / "checkpoints/best.ckpt")

@@ -113,6 +113,12 @@ def build_module(
         hp = dict(ckpt["hyper_parameters"])
         backbone = {**hp["backbone"], "weights": None}  # the checkpoint holds the weights
         hp.pop("original_resize", None)  # checkpoints before protocols were configurable
+        if hp.get("base_learner_classes") and int(hp.get("shot", 1)) != int(cfg.shot):
+            raise ValueError(
+                f"{cfg.ckpt_path} was trained for {hp.get('shot', 1)}-shot episodes with BAM's "
+                f"ensemble, whose K-shot reweighting is built for that count: evaluate it with "
+                f"shot={hp.get('shot', 1)}, not shot={cfg.shot}"
+            )
         if isinstance(hp["model"].get("guidance"), str):
             raise ValueError(
                 f"{cfg.ckpt_path} predates BAM's meta learner and ensemble (its model.guidance "

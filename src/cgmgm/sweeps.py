@@ -2,16 +2,18 @@
 the paper's Tables 1 and 5 printed in its layout with its numbers beside ours.
 
     python -m cgmgm.train experiment=table5      # 5 rows x 3 seeds, then the table
-    python -m cgmgm.train experiment=table1      # BAM's cosine prior vs CGMGM, 3 seeds
+    python -m cgmgm.train experiment=table1_guidance   # BAM's cosine prior vs CGMGM, 3 seeds
 
-``experiment=table5`` / ``table1`` attach :class:`PaperTable` as a Hydra callback: when the
+``experiment=table5`` / ``table1_guidance`` attach :class:`PaperTable` as a Hydra callback: when the
 multirun ends it reads every job of the sweep directory and prints and writes
 ``table5.md`` / ``table1.md`` there. ``python -m cgmgm.sweeps <sweep dir> --table 5`` prints it
 again (e.g. for a sweep that was interrupted and resumed by hand).
 
 A row's paper number comes from the job's ``paper`` node (the ``ablation=`` config that names
-the row); it is shown only when the job's model ran that row (its ``img``, ``imr`` and guidance
-maps), so a user's override never borrows the paper's number.
+the row); it is shown only when the job ran the paper's system for that row (its ``img``,
+``imr``, exactly its guidance maps, and BAM's ensemble), so a user's override or a run without
+stage 1 never borrows the paper's number ("(not the row)"). Jobs of one row are averaged over
+seeds; any other override that varies (e.g. ``fold``) makes rows of its own, labelled.
 """
 
 from __future__ import annotations
@@ -131,24 +133,19 @@ def aggregate(
 
 # ------------------------------------------------------------------------- paper tables
 
-ROW_KEYS = ("paper.row",)  # jobs of one paper row (over seeds) share these
-
 
 def _ran_row(job: dict[str, Any]) -> bool:
-    """Whether the job's model is the configuration its ``paper`` node's Table 5 row names."""
+    """Whether the job ran the paper's system for its ``paper`` node's Table 5 row: that row's
+    img / imr and exactly its guidance ([posterior] with C&Q, else [initial_mask] with IMG, else
+    [cosine]), with BAM's ensemble (a stage-1 base learner)."""
     t5 = _select(job["config"], "paper.table5") or {}
     model = job["config"].get("model") or {}
-    guidance = model.get("guidance") or []
-    cq = "posterior" in guidance
+    expected = ["posterior"] if t5.get("cq") else ["initial_mask"] if t5.get("img") else ["cosine"]
     return (
         bool(t5)
-        and (model.get("img"), model.get("imr"), cq)
-        == (
-            t5.get("img"),
-            t5.get("imr"),
-            t5.get("cq"),
-        )
-        and (cq or guidance in (["cosine"], ["initial_mask"]))
+        and (model.get("img"), model.get("imr")) == (t5.get("img"), t5.get("imr"))
+        and list(model.get("guidance") or []) == expected
+        and job["metrics"].get("ensemble") is True
     )
 
 
@@ -161,7 +158,10 @@ def _cell(mean_std: tuple[float, float], n: int) -> str:
 
 def _rows(jobs: list[dict[str, Any]], metrics: Sequence[str]) -> list[dict[str, Any]]:
     """Jobs grouped by paper row (mean ± std over the rest: the seeds), in the paper's order."""
-    groups: dict[str, list[dict[str, Any]]] = {}
+    others = []  # overrides besides the row and the seed: a row per value (e.g. per fold)
+    for job in jobs:
+        others += [k for k in job["overrides"] if k not in (*others, "seed", "ablation")]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
     for job in jobs:
         row = _select(job["config"], "paper.row")
         if row is None:
@@ -169,10 +169,13 @@ def _rows(jobs: list[dict[str, Any]], metrics: Sequence[str]) -> list[dict[str, 
                 f"{job['dir']}: the job names no paper row (run it with ablation=<row>, e.g. "
                 "experiment=table5)"
             )
-        groups.setdefault(str(row), []).append(job)
+        varying = tuple(f"{k}={job_value(job, k)}" for k in others)
+        groups.setdefault((str(row), varying), []).append(job)
+    shown = [k for k in others if len({repr(job_value(j, k)) for j in jobs}) > 1]
     out = []
-    for name, members in groups.items():
-        r: dict[str, Any] = {"row": name, "n": len(members), "jobs": members}
+    for (name, varying), members in groups.items():
+        label = ", ".join(v for v in varying if v.split("=", 1)[0] in shown)
+        r: dict[str, Any] = {"row": name, "n": len(members), "jobs": members, "label": label}
         r["paper"] = _select(members[0]["config"], "paper")
         r["ran_row"] = all(_ran_row(j) for j in members)
         r["seeds"] = [job_value(j, "seed") for j in members]
@@ -185,7 +188,7 @@ def _rows(jobs: list[dict[str, Any]], metrics: Sequence[str]) -> list[dict[str, 
                 float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
             )
         out.append(r)
-    out.sort(key=lambda r: (r["paper"].get("table5") or {}).get("order", 99))
+    out.sort(key=lambda r: (r["label"], (r["paper"].get("table5") or {}).get("order", 99)))
     return out
 
 
@@ -215,9 +218,10 @@ def table5(jobs: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         t5, n = r["paper"].get("table5") or {}, r["n"]
-        paper = f"{t5['mIoU']:.2f}" if r["ran_row"] and "mIoU" in t5 else "(modified)"
+        paper = f"{t5['mIoU']:.2f}" if r["ran_row"] and "mIoU" in t5 else "(not the row)"
         cfg = r["jobs"][0]["config"]["model"]
         cells = [_mark(cfg["img"]), _mark(cfg["imr"]), _mark("posterior" in cfg["guidance"])]
+        cells[0] = f"{r['label']}: {cells[0]}" if r["label"] else cells[0]
         cells += [paper] + [_cell(r[m], n) for m in TABLE5_METRICS] + [str(n)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -232,7 +236,8 @@ def table1(jobs: list[dict[str, Any]]) -> str:
     for r in rows:
         t1, n = r["paper"]["table1"], r["n"]
         paper = [f"{t1['GmIoU']:.2f}", f"{t1['FmIoU']:.2f}"] if r["ran_row"] else ["-", "-"]
-        name = t1["guidance"] + ("" if r["ran_row"] else " (modified)")
+        name = t1["guidance"] + ("" if r["ran_row"] else " (not the row)")
+        name = f"{r['label']}: {name}" if r["label"] else name
         cells = [name, *paper, *(_cell(r[m], n) for m in metrics), str(n)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -194,18 +194,20 @@ def stage1_config(cfg: DictConfig) -> DictConfig:
         base[key] = cfg[key]
     for item in late:  # e.g. seed=0 (one stage 1 for every seed), dataset.train_transform=...
         key, _, value = item.partition("=")
-        if OmegaConf.select(base, key.lstrip("+~"), default="<missing>") == "<missing>":
+        if key[:1] in "+~" or key in STAGE1_NODES:
+            raise ValueError(
+                f"stage1.overrides: {item!r}: stage 1 takes {key.lstrip('+~').split('.')[0]} "
+                "from this run; set a key of it (e.g. dataset.train_transform=protocol), not "
+                "the group, and without + or ~"
+            )
+        if OmegaConf.select(base, key, default="<missing>") == "<missing>":
             raise ValueError(f"stage1.overrides: {key!r} is not a key of stage 1's config")
-        OmegaConf.update(base, key.lstrip("+~"), yaml.safe_load(value) if value else None)
+        OmegaConf.update(base, key, yaml.safe_load(value) if value else None)
     for key in STAGE1_DEVICE:
         if key in cfg.trainer:
             base.trainer[key] = cfg.trainer[key]
     base.paths.output_dir = "<stage1>"
-    mine = {k: v for k, v in OmegaConf.to_container(base, resolve=True).items()}
-    for key in ("paths", "logger", "callbacks", "hydra"):
-        mine.pop(key, None)
-    mine["trainer"] = {k: v for k, v in mine["trainer"].items() if k != "default_root_dir"}
-    digest = hashlib.sha1(repr(sorted(_flat(mine))).encode()).hexdigest()[:8]
+    digest = hashlib.sha1(repr(sorted(_flat(stage1_identity(base)))).encode()).hexdigest()[:8]
     name = (
         f"{cfg.dataset.get('dataset', 'data')}-fold{base.fold}-{cfg.backbone.name}-seed{base.seed}"
     )
@@ -216,38 +218,96 @@ def stage1_config(cfg: DictConfig) -> DictConfig:
     return base
 
 
+# Keys of stage 1's config that cannot change what it trains: where it writes and logs, how
+# stage 2 draws episodes (the dataset node is stage 2's), stage 2's recipe (stage 1's own
+# values are resolved into its optim and trainer), and which devices run it.
+STAGE1_INERT = ("paths", "logger", "callbacks", "hydra", "recipe", "test_seed", "shot")
+STAGE1_INERT_DATA = (
+    "batch_size", "eval_batch_size", "num_workers", "train_episodes", "val_episodes",
+    "test_episodes", "sampling", "shot", "test_seed",
+)  # fmt: skip
+STAGE1_INERT_TRAINER = ("default_root_dir", "accelerator", "devices", "num_nodes", "strategy")
+
+
+def stage1_identity(base: DictConfig) -> dict[str, Any]:
+    """The resolved settings that make a stage 1 what it is (its directory's hash, and
+    ``stage1.yaml`` in it): stage 1's config without ``STAGE1_INERT*``."""
+    mine = OmegaConf.to_container(base, resolve=True)
+    for key in STAGE1_INERT:
+        mine.pop(key, None)
+    mine["trainer"] = {k: v for k, v in mine["trainer"].items() if k not in STAGE1_INERT_TRAINER}
+    data = mine.get("dataset") or {}
+    mine["dataset"] = {k: v for k, v in data.items() if k not in STAGE1_INERT_DATA}
+    return mine
+
+
 def _flat(node: Any, prefix: str = "") -> list[tuple[str, str]]:
     if isinstance(node, dict):
         return [kv for k, v in node.items() for kv in _flat(v, f"{prefix}{k}.")]
     return [(prefix, repr(node))]
 
 
+def _global_rank() -> int:
+    """This process's rank among a distributed job's (0 outside one), from the launchers'
+    environment (torchrun / Lightning: RANK or LOCAL_RANK; SLURM: SLURM_PROCID)."""
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
 def fit_stage1(cfg: DictConfig) -> str:
     """``base_ckpt=fit``: this run's stage-1 checkpoint, from a finished stage 1 in its
     directory (:func:`stage1_config`) or trained there now; returns its path. A directory
-    holding an unfinished stage 1 is an error saying how to resume it (nothing is overwritten);
-    concurrent runs of one setting wait for each other (a lock beside the directory)."""
+    holding an unfinished stage 1 is an error saying how to resume it (nothing is overwritten),
+    one whose ``stage1.yaml`` differs from this run's stage 1 an error naming the difference;
+    concurrent runs of one setting wait for each other on a lock beside the directory (taken by
+    rank 0 of a distributed job: the other ranks join its stage 1)."""
     base = stage1_config(cfg)
     out = Path(base.paths.output_dir)
+    identity = stage1_identity(base)
     out.parent.mkdir(parents=True, exist_ok=True)
-    launched = "LOCAL_RANK" in os.environ  # a DDP process started by rank 0: it holds the lock
-    with FileLock(str(out) + ".lock") if not launched else _no_lock():
+    leader = _global_rank() == 0
+    with FileLock(str(out) + ".lock") if leader else _no_lock():
         done = _finished_stage1(out)
-        if done is None:
-            if out.exists() and any(out.iterdir()) and not launched:
+        if done is not None:
+            _check_stage1_record(out, identity)
+            print(f"stage 1: reusing the finished stage 1 in {out} ({done})")
+        else:
+            if leader and out.exists() and any(out.iterdir()):
                 raise FileExistsError(
                     f"stage 1 dir {out} holds an unfinished stage 1 (no metrics.json): resume it "
                     f"with `python -m cgmgm.train_base hydra.run.dir={out} "
-                    f"ckpt_path={out}/checkpoints/last.ckpt` and this run's dataset, fold, "
-                    "backbone and seed overrides, or move it away to train it again"
+                    f"ckpt_path={out}/checkpoints/last.ckpt` and the settings in "
+                    f"{out}/stage1.yaml as overrides, or move it away to train it again"
                 )
+            if leader:
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "stage1.yaml").write_text(yaml.safe_dump(identity, sort_keys=True))
             print(f"stage 1: training the base learner in {out}")
             done = train_base(base)["base_ckpt"]
-        else:
-            print(f"stage 1: reusing the finished stage 1 in {out} ({done})")
     if not done:
         raise RuntimeError(f"stage 1 in {out} saved no best checkpoint (no validation ran?)")
     return str(done)
+
+
+def _check_stage1_record(out: Path, identity: dict[str, Any]) -> None:
+    """A finished stage 1 is reused only if its ``stage1.yaml`` is this run's stage 1."""
+    path = out / "stage1.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{out} holds a finished stage 1 without stage1.yaml (its settings): move it away, "
+            "or pass its checkpoint as base_ckpt=<it>/checkpoints/best.ckpt"
+        )
+    theirs = dict(_flat(yaml.safe_load(path.read_text())))
+    mine = dict(_flat(yaml.safe_load(yaml.safe_dump(identity))))
+    diffs = [k[:-1] for k in sorted(theirs.keys() | mine.keys()) if theirs.get(k) != mine.get(k)]
+    if diffs:
+        raise ValueError(
+            f"the finished stage 1 in {out} was trained with other settings ({', '.join(diffs[:6])}"
+            f"{', ...' if len(diffs) > 6 else ''}; see {path}): move it away, or pass "
+            "base_ckpt=<a stage-1 checkpoint>"
+        )
 
 
 class _no_lock:
@@ -339,13 +399,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             f"({base.num_classes - 1} base classes), frozen; backbone.weights is not used; "
             "BAM's ensemble fuses the meta learner with the base learner"
         )
+        del base
     elif not module.model.has_ensemble:
         print(
             "stage 2 without a base learner (base_ckpt=null): the meta learner alone on the "
             f"backbone's own weights ({cfg.backbone.weights}), no ensemble; test/mIoU is the "
             "meta learner's"
         )
-        del base
     if resume is not None:
         _check_resume_fits(resume, module, cfg)
         del resume

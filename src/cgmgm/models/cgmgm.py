@@ -251,14 +251,14 @@ class CGMGM(nn.Module):
             weights = None  # "pool": one prior and one prototype over every shot's pixels
         out.update(self.imgr(high_q, high_s, fg, valid, weights))
 
-        if self.meta is None:  # training-free: the mixtures on the backbone's features
-            gmm_q, gmm_s = mid_q, mid_s
-        else:  # down_query's 1x1 + ReLU (its dropout comes after): one space for both
-            to_space = self.meta.down_query[:2]
-            gmm_q, gmm_s = to_space(mid_q), to_space(mid_s)  # [B, D, h, w], [B*K, D, h, w]
+        # the mixtures' space: down_query's 1x1 + ReLU (its dropout comes after) for the query
+        # and the support alike; the backbone's own features for the training-free model
+        to_space = nn.Identity() if self.meta is None else self.meta.down_query[:2]
+        gmm_q = to_space(mid_q)  # [B, D, h, w]
         if "posterior" in self.guidance:
+            gmm_s = to_space(mid_s).unflatten(0, (b, k))  # [B, K, D, h, w]
             query_fg = out["initial_mask"] if self.imgr.img else None
-            theta = self.cdgmg(gmm_s.unflatten(0, (b, k)), fg, bg, gmm_q, query_fg, valid)
+            theta = self.cdgmg(gmm_s, fg, bg, gmm_q, query_fg, valid)
             out.update(self.qcpe(gmm_q, theta))
         maps = torch.cat([out[GUIDANCES[g]] for g in self.guidance], 1)  # [B, G, h, w]
         out["guidance_maps"] = maps

@@ -27,9 +27,10 @@ GRAM_EPS = 1e-7
 
 def gram_matrix(features: Tensor) -> Tensor:
     """features [B, C, H, W] -> channel cosines [B, C, C]."""
-    f = features.flatten(2)  # [B, C, HW]
-    norm = f.norm(dim=2, keepdim=True)  # [B, C, 1]
-    return (f @ f.transpose(1, 2)) / (norm @ norm.transpose(1, 2) + GRAM_EPS)
+    with torch.autocast(features.device.type, enabled=False):  # fp32 under autocast too
+        f = features.flatten(2).float()  # [B, C, HW]
+        norm = f.norm(dim=2, keepdim=True)  # [B, C, 1]
+        return (f @ f.transpose(1, 2)) / (norm @ norm.transpose(1, 2) + GRAM_EPS)
 
 
 def scene_difference(query_low: Tensor, support_low: Tensor) -> Tensor:
