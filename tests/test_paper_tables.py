@@ -84,6 +84,8 @@ def test_table5_in_the_papers_layout_with_mean_and_std_over_seeds(tmp_path, caps
             n += 1
     text = sweeps.write_paper_table(tmp_path, "5")
     assert (tmp_path / "table5.md").read_text().strip() == text.strip()
+    assert sweeps.write_paper_table(tmp_path, "5") == text  # printed again: the first is kept
+    assert (tmp_path / "table5.earlier-1.md").read_text().strip() == text.strip()
     assert text in capsys.readouterr().out
     lines = [ln for ln in text.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
     assert len(lines) == 5

@@ -4,10 +4,11 @@ the paper's Tables 1 and 5 printed in its layout with its numbers beside ours.
     python -m cgmgm.train experiment=table5      # 5 rows x 3 seeds, then the table
     python -m cgmgm.train experiment=table1_guidance   # BAM's cosine prior vs CGMGM, 3 seeds
 
-``experiment=table5`` / ``table1_guidance`` attach :class:`PaperTable` as a Hydra callback: when the
-multirun ends it reads every job of the sweep directory and prints and writes
-``table5.md`` / ``table1.md`` there. ``python -m cgmgm.sweeps <sweep dir> --table 5`` prints it
-again (e.g. for a sweep that was interrupted and resumed by hand).
+``experiment=table5`` / ``table1_guidance`` attach :class:`PaperTable` as a Hydra callback:
+when the multirun ends it reads every job of the sweep directory and prints and writes
+``table5.md`` / ``table1.md`` there (an earlier one is kept as ``table5.earlier-<k>.md``).
+``python -m cgmgm.sweeps <sweep dir> --table 5`` prints it again (e.g. for a sweep that was
+interrupted and resumed by hand).
 
 A row's paper number comes from the job's ``paper`` node (the ``ablation=`` config that names
 the row); it is shown only when the job ran the paper's system for that row (its ``img``,
@@ -28,6 +29,8 @@ from typing import Any
 import numpy as np
 import yaml
 from hydra.experimental.callback import Callback
+
+from cgmgm.config import keep_earlier
 
 METRICS = ("test/mIoU", "test/FB-IoU", "test/GmIoU")
 
@@ -268,6 +271,7 @@ def write_paper_table(sweep_dir: str | Path, table: str) -> str:
     )
     text = f"Table {table} ({where})\n\n{text}"
     path = Path(sweep_dir) / f"table{table}.md"
+    keep_earlier(path)  # a table printed again never replaces the one before it
     path.write_text(text + "\n")
     print(f"\n{text}\n\n{path}")
     return text
