@@ -106,6 +106,21 @@ def fmt(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
+def mean_std(
+    jobs: Sequence[dict[str, Any]], metrics: Sequence[str]
+) -> dict[str, tuple[float, float]]:
+    """{metric: (mean, sample std)} over the jobs that have it (std 0 for one job; NaN mean for
+    none)."""
+    out = {}
+    for m in metrics:
+        vals = np.array([float(j["metrics"][m]) for j in jobs if j["metrics"].get(m) is not None])
+        out[m] = (
+            float(vals.mean()) if len(vals) else math.nan,
+            float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
+        )
+    return out
+
+
 def aggregate(
     jobs: list[dict[str, Any]], over: str, metrics: Sequence[str] = METRICS
 ) -> list[dict[str, Any]]:
@@ -122,14 +137,7 @@ def aggregate(
     for members in groups.values():
         row: dict[str, Any] = {"key": {k: job_value(members[0], k) for k in keys}}
         row["n"] = len(members)
-        for m in metrics:
-            vals = np.array(
-                [float(j["metrics"][m]) for j in members if j["metrics"].get(m) is not None]
-            )
-            row[m] = (
-                float(vals.mean()) if len(vals) else math.nan,
-                float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
-            )
+        row.update(mean_std(members, metrics))
         rows.append(row)
     return rows
 
@@ -188,14 +196,7 @@ def _rows(jobs: list[dict[str, Any]], metrics: Sequence[str]) -> list[dict[str, 
         r["paper"] = _select(members[0]["config"], "paper")
         r["ran_row"] = all(_ran_row(j) for j in members)
         r["seeds"] = [job_value(j, "seed") for j in members]
-        for m in metrics:
-            vals = np.array(
-                [float(j["metrics"][m]) for j in members if j["metrics"].get(m) is not None]
-            )
-            r[m] = (
-                float(vals.mean()) if len(vals) else math.nan,
-                float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
-            )
+        r.update(mean_std(members, metrics))
         out.append(r)
     out.sort(key=lambda r: (r["label"], (r["paper"].get("table5") or {}).get("order", 99)))
     return out
