@@ -98,6 +98,9 @@ def test_stage2_takes_backbone_and_base_learner_exactly(stage1, tmp_path):
     # and reproduces stage 1's network in eval mode
     cfg = _cfg("eval", tmp_path / "eval", *TINY_DATA, "protocol=bam", f"ckpt_path='{two_path}'")
     module = build_module(cfg, [1, 2, 3, 4, 5], None, two)
+    five = _cfg("eval", tmp_path / "e5", *TINY_DATA, "shot=5", f"ckpt_path='{two_path}'")
+    with pytest.raises(ValueError, match="1-shot episodes with BAM's ensemble.*shot=1, not shot=5"):
+        build_module(five, [1, 2, 3, 4, 5], None, two)  # its K-shot reweighting is for 1 shot
     net = LitBase.load_from_checkpoint(
         base_ckpt,
         map_location="cpu",

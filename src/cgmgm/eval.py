@@ -113,11 +113,12 @@ def build_module(
         hp = dict(ckpt["hyper_parameters"])
         backbone = {**hp["backbone"], "weights": None}  # the checkpoint holds the weights
         hp.pop("original_resize", None)  # checkpoints before protocols were configurable
-        if hp.get("base_learner_classes") and int(hp.get("shot", 1)) != int(cfg.shot):
+        shot = cfg.get("shot")  # null: the checkpoint's
+        if hp.get("base_learner_classes") and shot is not None and int(hp["shot"]) != int(shot):
             raise ValueError(
                 f"{cfg.ckpt_path} was trained for {hp.get('shot', 1)}-shot episodes with BAM's "
                 f"ensemble, whose K-shot reweighting is built for that count: evaluate it with "
-                f"shot={hp.get('shot', 1)}, not shot={cfg.shot}"
+                f"shot={hp.get('shot', 1)}, not shot={shot}"
             )
         if isinstance(hp["model"].get("guidance"), str):
             raise ValueError(
