@@ -31,6 +31,7 @@ run's backbone and model settings (an error says which differ).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -268,7 +269,7 @@ def fit_stage1(cfg: DictConfig) -> str:
     identity = stage1_identity(base)
     out.parent.mkdir(parents=True, exist_ok=True)
     leader = _global_rank() == 0
-    with FileLock(str(out) + ".lock") if leader else _no_lock():
+    with FileLock(str(out) + ".lock") if leader else contextlib.nullcontext():
         done = _finished_stage1(out)
         if done is not None:
             _check_stage1_record(out, identity)
@@ -308,14 +309,6 @@ def _check_stage1_record(out: Path, identity: dict[str, Any]) -> None:
             f"{', ...' if len(diffs) > 6 else ''}; see {path}): move it away, or pass "
             "base_ckpt=<a stage-1 checkpoint>"
         )
-
-
-class _no_lock:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def _finished_stage1(out: Path) -> str | None:
