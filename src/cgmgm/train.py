@@ -208,7 +208,8 @@ def stage1_config(cfg: DictConfig) -> DictConfig:
         if key in cfg.trainer:
             base.trainer[key] = cfg.trainer[key]
     base.paths.output_dir = "<stage1>"
-    digest = hashlib.sha1(repr(sorted(_flat(stage1_identity(base)))).encode()).hexdigest()[:8]
+    identity = json.dumps(stage1_identity(base), sort_keys=True, default=str)
+    digest = hashlib.sha1(identity.encode()).hexdigest()[:8]
     name = (
         f"{cfg.dataset.get('dataset', 'data')}-fold{base.fold}-{cfg.backbone.name}-seed{base.seed}"
     )
@@ -240,12 +241,6 @@ def stage1_identity(base: DictConfig) -> dict[str, Any]:
     data = mine.get("dataset") or {}
     mine["dataset"] = {k: v for k, v in data.items() if k not in STAGE1_INERT_DATA}
     return mine
-
-
-def _flat(node: Any, prefix: str = "") -> list[tuple[str, str]]:
-    if isinstance(node, dict):
-        return [kv for k, v in node.items() for kv in _flat(v, f"{prefix}{k}.")]
-    return [(prefix, repr(node))]
 
 
 def _global_rank() -> int:
@@ -300,14 +295,13 @@ def _check_stage1_record(out: Path, identity: dict[str, Any]) -> None:
             f"{out} holds a finished stage 1 without stage1.yaml (its settings): move it away, "
             "or pass its checkpoint as base_ckpt=<it>/checkpoints/best.ckpt"
         )
-    theirs = dict(_flat(yaml.safe_load(path.read_text())))
-    mine = dict(_flat(yaml.safe_load(yaml.safe_dump(identity))))
-    diffs = [k[:-1] for k in sorted(theirs.keys() | mine.keys()) if theirs.get(k) != mine.get(k)]
+    theirs = yaml.safe_load(path.read_text())
+    diffs = setting_diffs(theirs, yaml.safe_load(yaml.safe_dump(identity)), "")
     if diffs:
         raise ValueError(
-            f"the finished stage 1 in {out} was trained with other settings ({', '.join(diffs[:6])}"
-            f"{', ...' if len(diffs) > 6 else ''}; see {path}): move it away, or pass "
-            "base_ckpt=<a stage-1 checkpoint>"
+            f"the finished stage 1 in {out} was trained with other settings ({'; '.join(diffs[:6])}"
+            f"{'; ...' if len(diffs) > 6 else ''}: its -> this run's; see {path}): move it away, "
+            "or pass base_ckpt=<a stage-1 checkpoint>"
         )
 
 
