@@ -8,7 +8,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from cgmgm import sweeps
+from cgmgm import tables
 from cgmgm.config import config_dir
 
 # Table 5 of the paper: (IMG, IMR, C&Q) -> mIoU; Table 1: guidance -> (GmIoU, FmIoU)
@@ -52,7 +52,7 @@ def test_table_experiments_sweep_rows_and_seeds_and_print_the_table(name, table)
     rows = "bam,cq,img_cq,img_imr,cgmgm" if table == 5 else "bam,cgmgm"
     assert cfg.hydra.sweeper.params["ablation"] == rows
     assert cfg.hydra.sweeper.params["seed"] == "0,1,2"
-    assert cfg.hydra.callbacks.paper_table.table == table
+    assert cfg.hydra.callbacks.paper_table.table == f"table{table}"
 
 
 def _job(root, n, row, seed, metrics, ensemble=True, **model):
@@ -82,9 +82,9 @@ def test_table5_in_the_papers_layout_with_mean_and_std_over_seeds(tmp_path, caps
                 metrics["test/GmIoU/initial_mask"] = 17.0
             _job(tmp_path, n, row, seed, metrics)
             n += 1
-    text = sweeps.write_paper_table(tmp_path, "5")
+    text = tables.write_table("table5", [tmp_path])
     assert (tmp_path / "table5.md").read_text().strip() == text.strip()
-    assert sweeps.write_paper_table(tmp_path, "5") == text  # printed again: the first is kept
+    assert tables.write_table("table5", [tmp_path]) == text  # printed again: the first is kept
     assert (tmp_path / "table5.earlier-1.md").read_text().strip() == text.strip()
     assert text in capsys.readouterr().out
     lines = [ln for ln in text.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
@@ -106,10 +106,10 @@ def test_a_modified_row_does_not_borrow_the_papers_number(tmp_path):
     _job(tmp_path, 1, "cgmgm", 0, {"test/mIoU": 31.0, "test/GmIoU": 11.0}, img="false", imr="false")
     _job(tmp_path, 2, "img_imr", 0, {"test/mIoU": 32.0}, guidance="[initial_mask,cosine]")
     _job(tmp_path, 3, "cq", 0, {"test/mIoU": 33.0}, ensemble=False)  # no stage 1
-    text = sweeps.write_paper_table(tmp_path, "1")
+    text = tables.write_table("table1", [tmp_path])
     assert "| Prototype with CS (BAM) | 24.11 | 67.81 | 10.00 | 30.00 | 1 |" in text
     assert "| CGMGM (Ours) (not the row) | - | - | 11.00 | 31.00 | 1 |" in text
-    table5 = sweeps.write_paper_table(tmp_path, "5")
+    table5 = tables.write_table("table5", [tmp_path])
     assert "67.81" in table5
     for paper in ("69.85", "68.58", "66.95"):
         assert paper not in table5
@@ -121,7 +121,7 @@ def test_another_varying_override_makes_labelled_rows(tmp_path):
         _job(tmp_path, n, "bam", n % 2, {"test/mIoU": v})
         cfg = tmp_path / str(n) / ".hydra" / "overrides.yaml"
         cfg.write_text(yaml.safe_dump(["ablation=bam", f"seed={n % 2}", f"fold={fold}"]))
-    text = sweeps.write_paper_table(tmp_path, "5")
+    text = tables.write_table("table5", [tmp_path])
     assert "| fold=0: " in text and "| fold=1: " in text
     assert f"31.00 ± {statistics.stdev([30.0, 32.0]):.2f}" in text
     assert f"52.00 ± {statistics.stdev([50.0, 54.0]):.2f}" in text
@@ -133,4 +133,4 @@ def test_a_job_without_a_row_is_an_error(tmp_path):
     (d / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"model": {}, "seed": 0}))
     (d / "metrics.json").write_text(json.dumps({"test/mIoU": 1.0}))
     with pytest.raises(ValueError, match="ablation="):
-        sweeps.write_paper_table(tmp_path, "5")
+        tables.write_table("table5", [tmp_path])

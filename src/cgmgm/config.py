@@ -52,17 +52,18 @@ def config_dir() -> Path:
     )
 
 
-def compose(config_name: str = "train", overrides: Sequence[str] = ()) -> Any:
+def compose(config_name: str = "train", overrides: Sequence[str] = (), hydra: bool = False) -> Any:
     """The composed (unresolved) config of ``python -m cgmgm.<config_name> <overrides>``
-    (inside a running cgmgm app too: its Hydra already knows the configs)."""
+    (inside a running cgmgm app too: its Hydra already knows the configs), with its ``hydra``
+    node when ``hydra`` is true."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     if GlobalHydra.instance().is_initialized():
-        return hydra_compose(config_name, overrides=list(overrides))
+        return hydra_compose(config_name, list(overrides), return_hydra_config=hydra)
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return hydra_compose(config_name, overrides=list(overrides))
+        return hydra_compose(config_name, list(overrides), return_hydra_config=hydra)
 
 
 def compose_model(overrides: Sequence[str] = ()) -> dict[str, Any]:

@@ -1,14 +1,11 @@
 """Hydra sweeps -> tables: each job's ``metrics.json`` and config, mean ± std over seeds, and
-the paper's Tables 1 and 5 printed in its layout with its numbers beside ours.
+the layouts of the paper's Tables 1 and 5 (the others, the command and the rest: cgmgm.tables).
 
-    python -m cgmgm.train experiment=table5      # 5 rows x 3 seeds, then the table
-    python -m cgmgm.train experiment=table1_guidance   # BAM's cosine prior vs CGMGM, 3 seeds
-
-``experiment=table5`` / ``table1_guidance`` attach :class:`PaperTable` as a Hydra callback:
-when the multirun ends it reads every job of the sweep directory and prints and writes
-``table5.md`` / ``table1.md`` there (an earlier one is kept as ``table5.earlier-<k>.md``).
-``python -m cgmgm.sweeps <sweep dir> --table 5`` prints it again (e.g. for a sweep that was
-interrupted and resumed by hand).
+The table experiments (``experiment=table5`` ...) attach :class:`PaperTable` as a Hydra
+callback: when the multirun ends it reads every job of the sweep directory and prints and
+writes ``table5.md`` there (an earlier one is kept as ``table5.earlier-<k>.md``) through
+:mod:`cgmgm.tables`, whose ``--collect`` prints it again (e.g. for a sweep that was interrupted
+and resumed by hand).
 
 A row's paper number comes from the job's ``paper`` node (the ``ablation=`` config that names
 the row); it is shown only when the job ran the paper's system for that row (its ``img``,
@@ -19,7 +16,6 @@ seeds; any other override that varies (e.g. ``fold``) makes rows of its own, lab
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from collections.abc import Sequence
@@ -29,8 +25,6 @@ from typing import Any
 import numpy as np
 import yaml
 from hydra.experimental.callback import Callback
-
-from cgmgm.config import keep_earlier
 
 METRICS = ("test/mIoU", "test/FB-IoU", "test/GmIoU")
 
@@ -253,48 +247,19 @@ def table1(jobs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"1": table1, "5": table5}
-
-
-def write_paper_table(sweep_dir: str | Path, table: str) -> str:
-    """Table ``table`` ("1" or "5") of the jobs under ``sweep_dir``, printed and written to
-    ``<sweep_dir>/table<table>.md``; returns the markdown."""
-    if str(table) not in TABLES:
-        raise ValueError(f"table must be one of {list(TABLES)}, got {table!r}")
-    jobs = load_jobs(sweep_dir)
-    text = TABLES[str(table)](jobs)
-    first = jobs[0]["metrics"]
-    seeds = sorted({str(job_value(j, "seed")) for j in jobs})
-    where = (
-        f"{first.get('dataset')} fold {first.get('fold')}, {first.get('shot')}-shot, "
-        f"{first.get('backbone')}; mean ± sample std over training seeds {', '.join(seeds)}; "
-        "the paper: PASCAL-5i, 1-shot, ResNet-50"
-    )
-    text = f"Table {table} ({where})\n\n{text}"
-    path = Path(sweep_dir) / f"table{table}.md"
-    keep_earlier(path)  # a table printed again never replaces the one before it
-    path.write_text(text + "\n")
-    print(f"\n{text}\n\n{path}")
-    return text
-
-
 class PaperTable(Callback):
-    """Hydra callback: at the end of a multirun, the paper's Table ``table`` of its jobs."""
+    """Hydra callback: at the end of a multirun, the paper's table ``table`` (a name of
+    :data:`cgmgm.tables.TABLES`, e.g. ``table5``) of its jobs, printed and written to
+    ``<sweep dir>/<table>.md``."""
 
-    def __init__(self, table: str | int) -> None:
+    def __init__(self, table: str) -> None:
+        from cgmgm.tables import TABLES
+
+        if str(table) not in TABLES:
+            raise ValueError(f"PaperTable: table must be one of {list(TABLES)}, got {table!r}")
         self.table = str(table)
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
-        write_paper_table(config.hydra.sweep.dir, self.table)
+        from cgmgm.tables import write_table
 
-
-def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="the paper's Table 1 or 5 from a sweep directory")
-    ap.add_argument("sweep_dir", type=Path, help="a multirun directory (experiment=table5)")
-    ap.add_argument("--table", default="5", choices=sorted(TABLES))
-    args = ap.parse_args(argv)
-    write_paper_table(args.sweep_dir, args.table)
-
-
-if __name__ == "__main__":
-    main()
+        write_table(self.table, [Path(config.hydra.sweep.dir)])
