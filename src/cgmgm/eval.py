@@ -44,27 +44,14 @@ from cgmgm.config import (
 )
 from cgmgm.data.protocols import get_protocol
 from cgmgm.lit import LitCGMGM, class_names_of
-from cgmgm.loggers import finish_loggers
+from cgmgm.loggers import finish_loggers, log_final_metrics, log_run_config, task_overrides
 from cgmgm.metrics import classes_drawn
-
-
-def _task_overrides(cfg: DictConfig) -> list[str]:
-    """The command-line overrides of this run (Hydra's ``hydra.overrides.task``), if known."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if "hydra" in cfg:  # compose(..., return_hydra_config=True)
-        return [str(o) for o in cfg.hydra.overrides.task]
-    if HydraConfig.initialized():
-        return [str(o) for o in HydraConfig.get().overrides.task]
-    return []
 
 
 def _warn_ignored_overrides(cfg: DictConfig, hp: dict[str, Any], path: Any) -> None:
     """With ``ckpt_path``, the model and backbone come from the checkpoint: warn about
     ``backbone...`` / ``model...`` overrides that would change them (they are ignored)."""
-    groups = {
-        o.lstrip("+~").split("=")[0].split(".")[0].split("@")[0] for o in _task_overrides(cfg)
-    }
+    groups = {o.lstrip("+~").split("=")[0].split(".")[0].split("@")[0] for o in task_overrides(cfg)}
     diffs = []
     if "backbone" in groups:
         diffs += setting_diffs(hp["backbone"], to_plain(cfg.backbone), "backbone.")
@@ -208,6 +195,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     failed = True
     try:
+        log_run_config(trainer.loggers, cfg)  # W&B: the whole config and the overrides
         per_seed = {}
         for seed in seeds:
             datamodule.set_test_seed(seed)  # the same images (and caches), other episodes
@@ -240,6 +228,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 logger.save()
             title = f"{len(seeds)} seed(s) {seeds}: mean ± std"
             report(out_dir / "metrics.json", metrics, module, title=title, std_suffix="_std")
+            log_final_metrics(trainer.loggers, out_dir / "metrics.json")
         failed = False
     finally:
         finish_loggers(failed)

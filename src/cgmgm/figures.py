@@ -1,5 +1,6 @@
 """Episode figures (paper Fig. 1 and 4): support / query / prediction overlays and the
-cosine prior against the GMM posterior, as PNG files and through the logger's image API."""
+cosine prior against the GMM posterior, as PNG files and through the logger's image API; and
+each guidance map of the first episode as an image of its own (logger only, e.g. W&B)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import matplotlib
 import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -17,11 +19,17 @@ from torch import Tensor
 from cgmgm.constants import IGNORE_INDEX
 from cgmgm.models.resize import resize
 
-__all__ = ["EpisodeFigures", "episode_figure"]
+__all__ = ["EpisodeFigures", "episode_figure", "guidance_images"]
 
 _FG = np.array([0.1, 0.9, 0.2])  # ground-truth / support overlay colour
 _PRED = np.array([1.0, 0.15, 0.1])  # prediction overlay colour
-_MAPS = (("cosine_prior", "cosine prior"), ("posterior", "GMM posterior p(fg|x)"))
+_TITLES = {
+    "cosine_prior": "cosine prior",
+    "initial_mask": "initial mask M_q",
+    "posterior": "GMM posterior p(fg|x)",
+}
+_MAPS = ("cosine_prior", "posterior")  # the figure's map columns
+_MAP_ALPHA = 0.55  # weight of the colour-mapped guidance over the grey query
 
 
 def _rgb(img: Tensor) -> np.ndarray:
@@ -61,7 +69,7 @@ def episode_figure(
     [B, H, W] and maps [B, 1, h, w] (``cosine_prior``, optional ``posterior``).
     """
     n = min(num, batch["query_img"].shape[0])
-    maps = [(k, title) for k, title in _MAPS if k in outputs]
+    maps = [(k, _TITLES[k]) for k in _MAPS if k in outputs]
     cols = 3 + len(maps)
     fig = Figure(figsize=(2.2 * cols, 2.3 * n), dpi=100)
     FigureCanvasAgg(fig)
@@ -88,12 +96,36 @@ def episode_figure(
         for j, (key, title) in enumerate(maps):
             ax = axes[r, 3 + j]
             ax.imshow(grey, cmap="gray", vmin=0, vmax=1)
-            ax.imshow(_upsample(outputs[key][r], size), cmap="jet", vmin=0, vmax=1, alpha=0.55)
+            ax.imshow(
+                _upsample(outputs[key][r], size), cmap="jet", vmin=0, vmax=1, alpha=_MAP_ALPHA
+            )
             ax.set_title(title, fontsize=8)
     for ax in axes.flat:
         ax.set_axis_off()
     fig.tight_layout()
     return fig
+
+
+def guidance_images(
+    batch: Mapping[str, Any], outputs: Mapping[str, Tensor], index: int = 0
+) -> list[tuple[str, np.ndarray]]:
+    """Each guidance map of episode ``index`` present in ``outputs`` (cosine prior, initial mask
+    with IMG, posterior when computed), brought to the query's size and colour-mapped (jet,
+    0..1) over the grey query, as the figure draws it: [(title, uint8 [H, W, 3])].
+
+    batch: ``query_img`` [B, 3, H, W]; outputs: maps [B, 1, h, w]."""
+    q = _rgb(batch["query_img"][index])  # [H, W, 3]
+    size = tuple(q.shape[:2])
+    grey = q.mean(-1, keepdims=True)  # [H, W, 1]
+    jet = matplotlib.colormaps["jet"]
+    out = []
+    for key, title in _TITLES.items():
+        if key not in outputs:
+            continue
+        m = np.clip(_upsample(outputs[key][index], size), 0.0, 1.0)  # [H, W]
+        blend = (1 - _MAP_ALPHA) * grey + _MAP_ALPHA * jet(m)[..., :3]  # [H, W, 3]
+        out.append((title, np.round(255 * blend).astype(np.uint8)))
+    return out
 
 
 class EpisodeFigures(L.Callback):
@@ -102,7 +134,9 @@ class EpisodeFigures(L.Callback):
     Files: ``dirpath/val_epoch<NNN>.png`` (every ``every_n_epochs`` epochs) and
     ``dirpath/test.png`` (``test_seed<S>.png`` when the datamodule has a ``test_seed``);
     ``dirpath`` defaults to ``<trainer.default_root_dir>/figures``. Each figure also goes to
-    every logger with an image API (``log_image``, e.g. W&B). Rank 0 only.
+    every logger with an image API (``log_image``, e.g. W&B) as ``{stage}/episodes``, and
+    with it the first episode's guidance maps, one image each (:func:`guidance_images`,
+    captioned with the map), as ``{stage}/guidance``. Rank 0 only.
     """
 
     def __init__(
@@ -144,10 +178,16 @@ class EpisodeFigures(L.Callback):
         path = root / f"{name}.png"
         fig.savefig(path)
         self.saved.append(path)
-        for logger in trainer.loggers:
-            if callable(getattr(logger, "log_image", None)):
+        loggers = [lg for lg in trainer.loggers if callable(getattr(lg, "log_image", None))]
+        maps = guidance_images(batch, outputs) if loggers else []
+        for logger in loggers:
+            logger.log_image(key=f"{stage}/episodes", images=[str(path)], step=trainer.global_step)
+            if maps:
                 logger.log_image(
-                    key=f"{stage}/episodes", images=[str(path)], step=trainer.global_step
+                    key=f"{stage}/guidance",
+                    images=[image for _, image in maps],
+                    caption=[title for title, _ in maps],
+                    step=trainer.global_step,
                 )
 
     def _val_epoch_drawn(self, trainer: L.Trainer) -> bool:

@@ -40,6 +40,7 @@ from torch import Tensor
 from cgmgm.constants import IGNORE_INDEX
 from cgmgm.data.protocols import get_protocol
 from cgmgm.features import FeatureCache, backbone_fingerprint
+from cgmgm.loggers import log_class_table
 from cgmgm.metrics import FSSIoU, decide, episode_results, flatten_results, score
 from cgmgm.models.backbone import build_backbone, load_body_state
 from cgmgm.models.base_learner import BaseLearner
@@ -379,8 +380,35 @@ class LitCGMGM(L.LightningModule):
         for m in self.map_names:
             results[f"{stage}/GmIoU/{m}"] = float(scores[f"gm_{m}"].compute()["mIoU"])
         self.log_dict(results)
+        self._log_class_table(stage)
         for metric in scores.values():
             metric.reset()
+
+    def _log_class_table(self, stage: str) -> None:
+        """Per-class IoU (percent; None for a class without episodes) as a table
+        ``{stage}/per_class_IoU`` to the loggers with a ``log_table`` (W&B): class id, class
+        name, IoU of the final output, the meta learner's (with an ensemble) and episodes.
+        Not during the sanity check (whose scores Lightning does not log either)."""
+        trainer = self._trainer
+        if trainer is None or trainer.sanity_checking:
+            return
+        if not any(callable(getattr(lg, "log_table", None)) for lg in trainer.loggers):
+            return
+        scores = self.scores[stage]
+        iou = scores["iou"]
+        with iou.sync_context():  # every process's episodes (a no-op in one process)
+            episodes = iou.episodes.detach().cpu().tolist()  # [C]
+        per_class = {"IoU": iou.compute()["per_class"].tolist()}  # [C], NaN: no episode
+        if "meta" in scores:
+            per_class["meta_IoU"] = scores["meta"].compute()["per_class"].tolist()
+        names = self.class_names or []
+        rows = []
+        for i, cid in enumerate(self.class_ids):
+            values = [v[i] if v[i] == v[i] else None for v in per_class.values()]
+            name = names[cid] if cid < len(names) else ""
+            rows.append([cid, name, *values, int(episodes[i])])
+        columns = ["class_id", "class_name", *per_class, "episodes"]
+        log_class_table(trainer.loggers, f"{stage}/per_class_IoU", columns, rows, self.global_step)
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         return self._eval_step(batch, "val")

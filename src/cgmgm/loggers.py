@@ -1,6 +1,16 @@
 """A run's outputs: output-dir checks (a Hydra callback), logger factories (a CSV logger that
-never deletes earlier logs, a Weights & Biases logger that never prompts or blocks) and job
-cleanup.
+never deletes earlier logs, a Weights & Biases logger that never prompts or blocks), what a
+W&B run holds besides the training curves, and job cleanup.
+
+A W&B run of ``cgmgm.train`` / ``cgmgm.eval`` holds (:mod:`cgmgm.wandb_runs` reads it back):
+
+- ``wandb.config``: the job's whole resolved Hydra config (:func:`log_run_config`), its
+  command-line ``overrides`` (a list of strings) and ``sweep`` ({dir, job_num} in a multirun,
+  else null); the LightningModule's hyper-parameters under ``module``;
+- the summary: the job's ``metrics.json``, the same keys and values (:func:`log_final_metrics`),
+  and under ``METRICS_KEYS_KEY`` the list of those keys;
+- per-class IoU tables (``{stage}/per_class_IoU``, :func:`log_class_table`) and the episode
+  figures and guidance maps as images (:class:`cgmgm.figures.EpisodeFigures`).
 
 Importing this module registers the ``${cgmgm.pid:}`` resolver (the process id) that
 conf/hydra/default.yaml puts in the default output dirs, so that runs started at the same
@@ -9,6 +19,8 @@ moment never share one.
 
 from __future__ import annotations
 
+import functools
+import json
 import netrc
 import os
 import socket
@@ -26,6 +38,12 @@ __all__ = [
     "OutputDirCheck",
     "csv_logger",
     "finish_loggers",
+    "is_wandb",
+    "log_class_table",
+    "log_final_metrics",
+    "log_run_config",
+    "run_config",
+    "task_overrides",
     "wandb_api_key_configured",
     "wandb_logger",
     "wandb_mode",
@@ -233,25 +251,80 @@ def wandb_unreachable(timeout: float = 5.0) -> str | None:
         return f"{host}: {err or type(err).__name__}"
 
 
+# wandb.config keys beside the job's Hydra config (its top level): the command-line overrides,
+# the multirun record and the LightningModule's hyper-parameters.
+OVERRIDES_KEY = "overrides"
+SWEEP_KEY = "sweep"
+MODULE_KEY = "module"
+RUN_KEYS = (OVERRIDES_KEY, SWEEP_KEY, MODULE_KEY)
+# Summary key listing the keys of the job's metrics.json (also in the summary).
+METRICS_KEYS_KEY = "cgmgm/metrics_keys"
+
+
+def _make_wandb_logger_class() -> type:
+    from lightning.fabric.utilities.logger import _convert_params
+    from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.utilities import rank_zero_only
+
+    class CGMGMWandbLogger(WandbLogger):
+        """Lightning's ``WandbLogger`` with the LightningModule's hyper-parameters under
+        ``module`` in ``wandb.config``: its top level is the job's Hydra config
+        (:func:`log_run_config`), which they would otherwise overwrite where names clash
+        (``model``, ``backbone``: a checkpoint's, in cgmgm.eval)."""
+
+        @rank_zero_only
+        def log_hyperparams(self, params: Any) -> None:
+            super().log_hyperparams({MODULE_KEY: dict(_convert_params(params))})
+
+    CGMGMWandbLogger.__module__ = __name__
+    return CGMGMWandbLogger
+
+
+_wandb_logger_class = functools.cache(_make_wandb_logger_class)
+
+
+def __getattr__(name: str) -> Any:
+    # CGMGMWandbLogger is built on first use: importing Lightning here would slow down every
+    # Hydra start-up (this module holds the output-dir callback); pickle finds it here too.
+    if name == "CGMGMWandbLogger":
+        return _wandb_logger_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _sweep_record() -> dict[str, Any] | None:
+    """{dir, job_num} of the Hydra multirun this job belongs to, else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    return {"dir": str(Path(str(hc.sweep.dir)).resolve()), "job_num": int(hc.job.num)}
+
+
 def wandb_logger(
     mode: str | None = None,
     save_dir: str = ".",
     tags: list[str] | None = None,
     init_timeout: float = 60.0,
     connect_timeout: float = 5.0,
+    group: str | None = None,
     **kwargs: Any,
 ) -> Any:
-    """A Lightning ``WandbLogger`` in :func:`wandb_mode` ``mode``, with a bounded start-up.
+    """A Lightning ``WandbLogger`` (:class:`CGMGMWandbLogger`) in :func:`wandb_mode` ``mode``,
+    with a bounded start-up.
 
     Online, the W&B server must answer within ``connect_timeout`` seconds (0: no check), else
     the run logs offline with a warning (upload later with ``wandb sync``), instead of
     waiting for ``wandb.init`` to time out and fail.
 
-    ``kwargs`` go to ``WandbLogger`` (project, entity, name, group, log_model, ...) and on to
-    ``wandb.init``. Run files go to ``save_dir/wandb``.
+    ``group`` null: in a Hydra multirun, the sweep dir's name (every job of a sweep in one W&B
+    group), else none. ``kwargs`` go to ``WandbLogger`` (project, entity, name, log_model, ...)
+    and on to ``wandb.init``. Run files go to ``save_dir/wandb``.
     """
     import wandb
-    from lightning.pytorch.loggers import WandbLogger
 
     mode = wandb_mode(mode)
     if mode == "online" and connect_timeout > 0:
@@ -267,14 +340,90 @@ def wandb_logger(
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     if mode != "online":
         kwargs["log_model"] = False  # nothing can be uploaded
+    if group is None and (sweep := _sweep_record()) is not None:
+        group = Path(sweep["dir"]).name
     settings = wandb.Settings(init_timeout=init_timeout, silent=True)
-    logger = WandbLogger(
-        save_dir=save_dir, mode=mode, tags=tags or None, settings=settings, **kwargs
+    logger = _wandb_logger_class()(
+        save_dir=save_dir, mode=mode, tags=tags or None, group=group, settings=settings, **kwargs
     )
     init = getattr(logger, "_wandb_init", {})
     if init.get("anonymous") is None:  # wandb >= 0.19 warns on any value of this retired option
         init.pop("anonymous", None)
     return logger
+
+
+def is_wandb(logger: Any) -> bool:
+    """Whether ``logger`` is a Lightning ``WandbLogger`` (without importing W&B otherwise)."""
+    return any(c.__name__ == "WandbLogger" for c in type(logger).__mro__)
+
+
+def _wandb_loggers(loggers: Any) -> list[Any]:
+    """The W&B loggers among ``loggers``, on global rank 0 only (elsewhere their experiment is
+    a stand-in without config or summary)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) != 0:
+        return []
+    return [lg for lg in loggers or [] if is_wandb(lg)]
+
+
+def task_overrides(cfg: Any) -> list[str]:
+    """The job's command-line overrides (Hydra's ``overrides.task``; [] outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if "hydra" in cfg:  # compose(..., return_hydra_config=True)
+        return [str(o) for o in cfg.hydra.overrides.task]
+    if HydraConfig.initialized():
+        return [str(o) for o in HydraConfig.get().overrides.task]
+    return []
+
+
+def run_config(cfg: DictConfig) -> dict[str, Any]:
+    """What a W&B run's config holds: the job's resolved Hydra config (without the ``hydra``
+    node) plus ``overrides`` (the command-line overrides, as given) and ``sweep`` ({dir,
+    job_num} in a multirun, else None)."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.pop("hydra", None)
+    clash = [k for k in RUN_KEYS if k in plain]
+    if clash:
+        raise ValueError(
+            f"the config has top-level keys {clash}, which wandb.config keeps for the run's "
+            f"record ({', '.join(RUN_KEYS)}): rename them in the config files under conf/"
+        )
+    plain[OVERRIDES_KEY] = task_overrides(cfg)
+    plain[SWEEP_KEY] = _sweep_record()
+    return plain
+
+
+def log_run_config(loggers: Any, cfg: DictConfig) -> None:
+    """Put :func:`run_config` into ``wandb.config`` of every W&B logger among ``loggers``
+    (others are left alone)."""
+    for logger in _wandb_loggers(loggers):
+        logger.experiment.config.update(run_config(cfg), allow_val_change=True)
+
+
+def log_final_metrics(loggers: Any, metrics_path: str | Path) -> None:
+    """The job's ``metrics.json`` (read back from ``metrics_path``, so exactly what is on disk:
+    same keys, percent, NaN as null) into the summary of every W&B logger among ``loggers``,
+    with the list of its keys under ``METRICS_KEYS_KEY``."""
+    runs = _wandb_loggers(loggers)
+    if not runs:
+        return
+    metrics = json.loads(Path(metrics_path).read_text())
+    if METRICS_KEYS_KEY in metrics:
+        raise ValueError(f"{metrics_path} holds the reserved key {METRICS_KEYS_KEY!r}")
+    for logger in runs:
+        logger.experiment.summary.update({**metrics, METRICS_KEYS_KEY: list(metrics)})
+
+
+def log_class_table(
+    loggers: Any, key: str, columns: list[str], rows: list[list[Any]], step: int | None = None
+) -> None:
+    """A table (``columns``, ``rows``) to every logger among ``loggers`` with a ``log_table``
+    (W&B); loggers without one (CSV) are left alone."""
+    for logger in loggers or []:
+        if callable(getattr(logger, "log_table", None)):
+            logger.log_table(key=key, columns=columns, data=rows, step=step)
 
 
 def finish_loggers(failed: bool = False) -> None:

@@ -68,7 +68,7 @@ from cgmgm.config import (
     to_plain,
 )
 from cgmgm.lit import LitCGMGM, class_names_of
-from cgmgm.loggers import finish_loggers
+from cgmgm.loggers import finish_loggers, log_final_metrics, log_run_config
 from cgmgm.metrics import classes_drawn
 from cgmgm.train_base import train_base
 
@@ -402,6 +402,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     failed = True
     try:
+        log_run_config(trainer.loggers, cfg)  # W&B: the whole config and the overrides
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
         best = next((c for c in trainer.checkpoint_callbacks if c.monitor == "val/mIoU"), None)
         ckpt = None  # the weights in memory (last)
@@ -423,6 +424,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if trainer.is_global_zero:
             keep_earlier(out_dir / "metrics.json")
             report(out_dir / "metrics.json", metrics, module)
+            log_final_metrics(trainer.loggers, out_dir / "metrics.json")
         failed = False
     finally:
         finish_loggers(failed)
