@@ -171,7 +171,8 @@ def test_dry_run_lists_the_jobs_and_the_stage_1_runs(capsys):
     out = capsys.readouterr().out
     assert len(jobs) == 2 * 3  # shots x seeds
     assert "6 jobs" in out and "stage 1: 3 distinct (3 to train" in out
-    assert "dataset=pascal ablation=cgmgm backbone=vgg16 fold=0 shot=5 seed=2" in out
+    assert "backbone=vgg16 fold=0 shot=5 seed=2" in out
+    assert "/pascal-fold0-vgg16-seed2-" in out  # the experiment's dataset, this job's stage 1
 
 
 def test_collect_refuses_an_unknown_dir_and_overrides_with_collect(tmp_path):

@@ -50,7 +50,7 @@ __all__ = [
     "wandb_unreachable",
 ]
 
-OmegaConf.register_new_resolver("cgmgm.pid", lambda: os.getpid(), replace=True)
+OmegaConf.register_new_resolver("cgmgm.pid", lambda: os.getpid(), replace=True, use_cache=True)
 
 
 def _is_inside(path: Path, folder: Path) -> bool:

@@ -525,7 +525,7 @@ def dry_run(name: str, overrides: Sequence[str], timing: bool = True) -> list[li
     stage1: dict[str, bool] = {}
     total, unknown, rates = 0.0, [], {}
     for i, job in enumerate(jobs):
-        cfg = compose("train", list(job))
+        cfg = compose("train", [f"experiment={TABLES[name].experiment}", *job])
         line = f"  {i:>3}  {' '.join(job)}"
         if cfg.base_ckpt == "fit":
             out = stage1_config(cfg).paths.output_dir
