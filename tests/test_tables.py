@@ -201,3 +201,24 @@ def test_launch_runs_the_sweep_and_writes_the_table(tmp_path):
     ours = _cells(text, "CGMGM (no ensemble) (ours)")
     assert ours[2] == f"{metrics['test/mIoU']:.2f}" and ours[3] == "missing"
     assert "Missing" not in text  # the sweep asked for one job and it finished
+
+
+def test_wandb_runs_make_the_same_table(tmp_path, monkeypatch):
+    """--wandb reads jobs through cgmgm.wandb_runs (tested in test_wandb.py on real offline
+    runs); the table of those jobs equals the table of the same jobs on disk."""
+    from cgmgm import sweeps, wandb_runs
+
+    sweep = tmp_path / "s"
+    for n, seed in enumerate((0, 1)):
+        ov = ["ablation=cgmgm", "fold=1", "shot=5", f"seed={seed}"]
+        _job(sweep, n, ov, {"test/mIoU": 20.0 + seed, "test/FB-IoU": 50.0})
+    seen = []
+    monkeypatch.setattr(
+        wandb_runs, "load_wandb_jobs", lambda source: seen.append(source) or sweeps.load_jobs(sweep)
+    )
+    monkeypatch.chdir(tmp_path)
+    tables.main(["table2", "--wandb", "team/cgmgm:t2"])
+    from_wandb = (tmp_path / "outputs" / "tables" / "table2.md").read_text()
+    tables.main(["table2", "--collect", str(sweep)])
+    assert seen == ["team/cgmgm:t2"] and from_wandb == (sweep / "table2.md").read_text()
+    assert _cells(from_wandb, "CGMGM (ours)")[8] == f"20.50 ± {statistics.stdev([20, 21]):.2f}"

@@ -439,14 +439,13 @@ def load_runs(collect: Sequence[Path], wandb: Sequence[str] = ()) -> tuple[list,
 def write_table(name: str, collect: Sequence[Path], wandb: Sequence[str] = (),
                 out: Path | None = None) -> str:  # fmt: skip
     """Print table ``name`` of the runs in ``collect`` / ``wandb`` and write it to ``out``
-    (default ``<first collect dir>/<name>.md``; an earlier file is kept beside it)."""
+    (default ``<first collect dir>/<name>.md``, or ``outputs/tables/<name>.md`` for W&B runs
+    alone; an earlier file is kept beside it)."""
     if name not in TABLES:
         raise ValueError(f"unknown table {name!r}; choose one of {list(TABLES)}")
     jobs, missing = load_runs(collect, wandb)
-    if out is None:
-        if not collect:
-            raise ValueError("--out is needed when the runs come from W&B only")
-        out = Path(collect[0]) / f"{name}.md"
+    if out is None:  # beside the runs, or for W&B runs alone outputs/tables/
+        out = (Path(collect[0]) if collect else Path("outputs") / "tables") / f"{name}.md"
     text = render(name, jobs, missing, out.parent) if jobs else None
     if text is None:
         text = f"{TABLES[name].title}\n\nno finished run yet; missing:\n" + "\n".join(
