@@ -298,14 +298,9 @@ class BamFinalLike(nn.Module):
 def _expected_names(state: dict, vgg: bool, layer3: int) -> dict[str, torch.Tensor]:
     """Our LitCGMGM names for BAM's keys, by a table written here, with BAM's [layer3, layer2]
     input of down_query / down_supp put in our [layer2, layer3] order."""
-    stem = {
-        "0": "conv1.0",
-        "1": "conv1.1",
-        "3": "conv1.3",
-        "4": "conv1.4",
-        "6": "conv1.6",
-        "7": "bn1",
-    }
+    # BAM's layer0 = (conv, bn, relu) x 3, maxpool: its conv / bn indices -> timm's deep stem
+    ours = ["conv1.0", "conv1.1", "conv1.3", "conv1.4", "conv1.6", "bn1"]
+    stem = dict(zip("013467", ours, strict=True))
     starts = [0, 7, 14, 24, 34]
     fixed = {
         "init_merge.0.weight": "meta.init_merge.0.weight",
