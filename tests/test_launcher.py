@@ -136,7 +136,7 @@ def test_local_launcher_is_submitits_local_executor():
     hydra = _hydra(cfg)
     assert hydra["launcher"]["_target_"] == _target(LocalLauncher)
     assert hydra["launcher"]["submitit_folder"] == f"{hydra['sweep']['dir']}/.submitit/%j"
-    assert hydra["launcher"]["gpus_per_node"] == cfg.trainer.devices
+    assert hydra["launcher"]["gpus_per_node"] == 0  # the default trainer is the CPU one
 
 
 def _fake_slurm(bin_dir: Path) -> None:
@@ -244,3 +244,10 @@ def test_two_job_sweep_through_submitits_local_executor(tmp_path):
     assert values[0] != values[1]  # the seeds trained different models
     cell = f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
     assert cell in (sweep / "table5.md").read_text()
+
+
+def test_a_job_is_sized_by_its_trainer_and_a_device_count_is_required():
+    hydra, _ = _launcher(["seed=0,1"])  # the default CPU trainer: one task, no GPU
+    assert (hydra["launcher"]["tasks_per_node"], hydra["launcher"]["gpus_per_node"]) == (1, 0)
+    with pytest.raises(Exception, match=r"trainer.devices=-1 cannot size a cluster job"):
+        _launcher(["seed=0,1", "trainer=ddp"])  # devices -1: "all visible GPUs"

@@ -85,7 +85,7 @@ def test_table2_layout_mean_std_over_seeds_missing_cells_and_the_papers_rows(tmp
     assert text in capsys.readouterr().out
     assert (sweep / "table2.md").read_text().strip() == text.strip()
     ours = _cells(text, "CGMGM (ours)")
-    assert ours[1] == "efficientnet_lite0"
+    assert ours[1] == "efficientnet_lite0 on synthetic"
     for fold in (0, 1, 2):
         vals = [values[fold, 0], values[fold, 1]]
         assert ours[2 + fold] == f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
@@ -99,9 +99,10 @@ def test_table2_layout_mean_std_over_seeds_missing_cells_and_the_papers_rows(tmp
     # the missing jobs are listed: fold 3 (1-shot) and every 5-shot job, 2 seeds each
     assert "Missing (10 of the sweep's jobs have no finished run)" in text
     assert "- ablation=cgmgm fold=3 seed=0 shot=1" in text
-    assert "ours: dataset synthetic" in text and "protocol bam (1000 test episodes" in text
-    # written again: the first file is kept
-    tables.write_table("table2", [sweep])
+    assert "ours: dataset synthetic" in text
+    assert "protocol bam (1000 test episodes, test seed(s) 510)" in text
+    # written again: the first file is kept; the same sweep given twice counts each job once
+    assert tables.write_table("table2", [sweep, sweep]) == text
     assert (sweep / "table2.earlier-1.md").read_text().strip() == text.strip()
 
 
@@ -149,7 +150,7 @@ def test_fig6_table_has_mIoU_and_flops_that_grow_with_m_and_full_covariance(tmp_
     sweep = tmp_path / "s"
     _sweep(sweep, {"model.gmm.components": "1,2,3,4,5", "model.gmm.covariance": "diag,full"})
     n = 0
-    for m, cov in ((1, "diag"), (3, "diag"), (3, "full")):
+    for m, cov in ((1, "diag"), (3, "diag"), (3, "full"), (6, "diag")):  # 6: COCO's M
         ov = [f"model.gmm.components={m}", f"model.gmm.covariance={cov}", "seed=0"]
         ov += ["dataset.dataset_kwargs.image_size=64", "backbone.weights=none"]
         _job(sweep, n, ov, {"test/mIoU": 10.0 * m + (cov == "full")})
@@ -157,7 +158,7 @@ def test_fig6_table_has_mIoU_and_flops_that_grow_with_m_and_full_covariance(tmp_
     text = tables.write_table("fig6", [sweep])
     one, three = _cells(text, "1"), _cells(text, "3")
     assert one[1] == "10.00" and three[1:3] == ["30.00", "31.00"] and one[2] == "missing"
-    assert _cells(text, "2")[1] == "missing"
+    assert _cells(text, "2")[1] == "missing" and _cells(text, "6")[1] == "60.00"
     gflops = {(m, c): float(_cells(text, str(m))[3 + (c == "full")]) for m, c in
               ((1, "diag"), (3, "diag"), (3, "full"))}  # fmt: skip
     assert gflops[1, "diag"] < gflops[3, "diag"] < gflops[3, "full"]
@@ -201,6 +202,7 @@ def test_launch_runs_the_sweep_and_writes_the_table(tmp_path):
     ours = _cells(text, "CGMGM (no ensemble) (ours)")
     assert ours[2] == f"{metrics['test/mIoU']:.2f}" and ours[3] == "missing"
     assert "Missing" not in text  # the sweep asked for one job and it finished
+    assert "(8 test episodes, test seed(s) 510)" in text  # what the number followed
 
 
 def test_wandb_runs_make_the_same_table(tmp_path, monkeypatch):

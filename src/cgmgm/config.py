@@ -194,6 +194,7 @@ def protocol_record(datamodule: Any) -> dict[str, Any]:
         "dataset_root": datamodule.dataset_kwargs.get("root"),
         "protocol": protocol.as_dict() if protocol is not None else None,
         "test_episodes": int(datamodule.test_episodes),
+        "test_seed": getattr(datamodule, "test_seed", None),  # its test episodes' seed
         "original_size": datamodule.original_size,
         **classes,  # train / test class ids and names, seen test classes
     }

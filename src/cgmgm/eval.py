@@ -215,6 +215,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         metrics.update(run_info(cfg, module.hparams.model, module.hparams.backbone))
         metrics.update(protocol_record(datamodule))
         metrics["seeds"] = seeds
+        metrics["test_seed"] = seeds  # every test seed (protocol_record has the last one's)
         metrics["feature_cache"] = {**cache, **module.feature_cache_stats()}
         metrics["ckpt_path"] = str(cfg.ckpt_path) if cfg.ckpt_path else None
         if "stage1" in meta:  # what the checkpoint's frozen backbone stands on

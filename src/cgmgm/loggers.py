@@ -53,6 +53,26 @@ __all__ = [
 OmegaConf.register_new_resolver("cgmgm.pid", lambda: os.getpid(), replace=True, use_cache=True)
 
 
+def job_tasks(devices: Any) -> int:
+    """Processes a cluster job runs (conf/hydra/launcher/): ``trainer.devices``, a count."""
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1:
+        return devices
+    raise ValueError(
+        f"trainer.devices={devices!r} cannot size a cluster job: give the count, e.g. "
+        "trainer=ddp trainer.devices=4 (one task per device)"
+    )
+
+
+def job_gpus(accelerator: Any, devices: Any) -> int:
+    """GPUs a cluster job asks for: ``trainer.devices`` on a GPU trainer, none on the CPU one."""
+    tasks = job_tasks(devices)
+    return 0 if str(accelerator) == "cpu" else tasks
+
+
+OmegaConf.register_new_resolver("cgmgm.job_tasks", job_tasks, replace=True)
+OmegaConf.register_new_resolver("cgmgm.job_gpus", job_gpus, replace=True)
+
+
 def _is_inside(path: Path, folder: Path) -> bool:
     try:
         return path.expanduser().resolve().is_relative_to(folder.expanduser().resolve())
@@ -277,6 +297,7 @@ def _make_wandb_logger_class() -> type:
             super().log_hyperparams({MODULE_KEY: dict(_convert_params(params))})
 
     CGMGMWandbLogger.__module__ = __name__
+    CGMGMWandbLogger.__qualname__ = "CGMGMWandbLogger"  # pickle finds it by this name
     return CGMGMWandbLogger
 
 
@@ -292,7 +313,8 @@ def __getattr__(name: str) -> Any:
 
 
 def _sweep_record() -> dict[str, Any] | None:
-    """{dir, job_num} of the Hydra multirun this job belongs to, else None."""
+    """{dir, job_num, params, task} of the Hydra multirun this job belongs to (params and
+    task: its sweeper params and command-line overrides, from its multirun.yaml), else None."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -301,7 +323,15 @@ def _sweep_record() -> dict[str, Any] | None:
     hc = HydraConfig.get()
     if hc.mode != RunMode.MULTIRUN:
         return None
-    return {"dir": str(Path(str(hc.sweep.dir)).resolve()), "job_num": int(hc.job.num)}
+    record = {"dir": str(Path(str(hc.sweep.dir)).resolve()), "job_num": int(hc.job.num)}
+    # what the whole sweep asked for (its multirun.yaml), so that a table read from W&B marks
+    # the jobs without a finished run as missing (cgmgm.tables)
+    sweep = Path(record["dir"]) / "multirun.yaml"
+    hydra = (OmegaConf.load(sweep).get("hydra") or {}) if sweep.is_file() else {}
+    params = OmegaConf.select(hydra, "sweeper.params") if hydra else None
+    record["params"] = {str(k): str(v) for k, v in (params or {}).items()}
+    record["task"] = [str(o) for o in (OmegaConf.select(hydra, "overrides.task") or [])]
+    return record
 
 
 def wandb_logger(

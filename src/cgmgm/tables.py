@@ -167,10 +167,11 @@ def _values(jobs: Sequence[Mapping[str, Any]], metric: str) -> list[float]:
 
 
 def _group(jobs: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], list[Mapping[str, Any]]]:
-    """Jobs by (row, backbone)."""
+    """Jobs by (row, "<backbone> on <dataset>"): runs on different data never share a cell."""
     out: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for j in jobs:
-        out.setdefault((_row_name(j), str(j["metrics"].get("backbone"))), []).append(j)
+        m = j["metrics"]
+        out.setdefault((_row_name(j), f"{m.get('backbone')} on {m.get('dataset')}"), []).append(j)
     return out
 
 
@@ -281,10 +282,19 @@ def count_flops(module: Any, *args: Any, **kwargs: Any) -> dict[str, int]:
     return out
 
 
-def flops_of_job(job: Mapping[str, Any], size: int | None = None) -> dict[str, int]:
-    """The FLOPs of the job's model (as configured: guidance, M, covariance, base learner) on one
-    episode of its shot at ``size`` x ``size`` (default: the dataset's image size, else BAM's
-    PASCAL test size 473); weights play no part."""
+def episode_size(cfg: Mapping[str, Any], protocol: str | None, dataset: str | None) -> int:
+    """The images' side in a job's test episodes: the dataset's own size (the embedded
+    benchmark's ``image_size``) or its protocol's test resize (BAM: 473 PASCAL, 641 COCO)."""
+    from cgmgm.data.protocols import get_protocol
+
+    native = sweeps._select(dict(cfg), "dataset.dataset_kwargs.image_size")
+    return int(native or get_protocol(protocol or "bam").size(str(dataset)))
+
+
+def flops_of_job(job: Mapping[str, Any]) -> dict[str, int]:
+    """The FLOPs of the job's model (as configured: guidance, M, covariance, base learner over
+    its base classes) on one episode of its shot at its test size (:func:`episode_size`); weights
+    play no part."""
     import torch
 
     from cgmgm.lit import build_model
@@ -295,31 +305,51 @@ def flops_of_job(job: Mapping[str, Any], size: int | None = None) -> dict[str, i
     shot = int(metrics.get("shot") or cfg.get("shot") or 1)
     classes = metrics.get("train_class_ids") if metrics.get("ensemble") else None
     net = build_model(model_cfg, backbone, len(classes) + 1 if classes else None, shot).eval()
-    if size is None:
-        size = sweeps._select(cfg, "dataset.dataset_kwargs.image_size") or 473
+    proto = metrics.get("protocol")
+    proto = proto.get("name") if isinstance(proto, Mapping) else proto
+    size = episode_size(cfg, proto, metrics.get("dataset"))
     gen = torch.Generator().manual_seed(0)
     q = torch.rand(1, 3, size, size, generator=gen)
     s = torch.rand(1, shot, 3, size, size, generator=gen)
     m = (torch.rand(1, shot, size, size, generator=gen) > 0.5).long()
     counts = count_flops(net, q, s, m)
-    counts["size"] = int(size)
+    counts["size"] = size
     return counts
+
+
+def _fold_cell(jobs: Sequence[Mapping[str, Any]], metric: str) -> str:
+    """Mean ± sample std over seeds (one fold), or the mean over folds of the seed means."""
+    folds = sorted({j["metrics"].get("fold") for j in jobs}, key=str)
+    if len(folds) <= 1:
+        return _cell(_values(jobs, metric))
+    means = [
+        np.mean(_values([j for j in jobs if j["metrics"].get("fold") == f], metric)) for f in folds
+    ]
+    return f"{np.mean(means):.2f} (mean of folds {', '.join(map(str, folds))})"
+
+
+def _gmm_key(job: Mapping[str, Any]) -> tuple[int, str]:
+    m = job["metrics"]
+    if m.get("components") is None or m.get("covariance") is None:
+        raise ValueError(f"{job['dir']}: metrics.json records no components / covariance")
+    return int(m["components"]), str(m["covariance"])
 
 
 def fig6(jobs: Sequence[Mapping[str, Any]], out_dir: Path | None = None) -> str:
     """Fig. 6 as a table (M x covariance: mIoU, mean ± sample std over seeds, and GFLOPs of the
-    model and of its CDGMG + QCPE per episode) and, with ``out_dir``, ``fig6.png``."""
+    model and of its CDGMG + QCPE per episode) and, with ``out_dir``, ``fig6.png``. Rows: the
+    paper's M = 1..5 and any other M that ran; columns: diag, full and any other covariance."""
     cells: dict[tuple[int, str], list[Mapping[str, Any]]] = {}
     for j in jobs:
-        key = (int(j["metrics"].get("components")), str(j["metrics"].get("covariance")))
-        cells.setdefault(key, []).append(j)
+        cells.setdefault(_gmm_key(j), []).append(j)
     flops = {k: flops_of_job(v[0]) for k, v in cells.items()}
-    covs = ("diag", "full")
+    covs = ["diag", "full"] + sorted({c for _, c in cells} - {"diag", "full"})
     header = ["M", *(f"{c} mIoU" for c in covs), *(f"{c} GFLOPs" for c in covs)]
     header += [f"{c} GFLOPs CDGMG+QCPE" for c in covs]
     rows = []
-    for m in range(1, 6):
-        r = [str(m)] + [_cell(_values(cells.get((m, c), []), "test/mIoU")) for c in covs]
+    for m in sorted({1, 2, 3, 4, 5} | {m for m, _ in cells}):
+        r = [str(m)] + [_fold_cell(cells[m, c], "test/mIoU") if (m, c) in cells else MISSING
+                        for c in covs]  # fmt: skip
         for part in ("total", "gmm"):
             for c in covs:
                 f = flops.get((m, c))
@@ -341,18 +371,18 @@ def fig6(jobs: Sequence[Mapping[str, Any]], out_dir: Path | None = None) -> str:
             "69.85)."
         )
     if out_dir is not None and cells:
-        text += f"\n\n{_plot_fig6(cells, flops, Path(out_dir) / 'fig6.png')}"
+        text += f"\n\n{_plot_fig6(cells, flops, covs, Path(out_dir) / 'fig6.png')}"
     return text
 
 
-def _plot_fig6(cells, flops, path: Path) -> Path:
+def _plot_fig6(cells, flops, covs, path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(8, 3.4), dpi=120)
     FigureCanvasAgg(fig)
     ax_m, ax_f = fig.subplots(1, 2)
-    for cov in ("diag", "full"):
+    for cov in covs:
         ms = sorted(m for (m, c) in cells if c == cov)
         if not ms:
             continue
@@ -362,7 +392,7 @@ def _plot_fig6(cells, flops, path: Path) -> Path:
     for ax, ylabel in ((ax_m, "mIoU (%)"), (ax_f, "GFLOPs per episode")):
         ax.set_xlabel("M (Gaussians per class)")
         ax.set_ylabel(ylabel)
-        ax.set_xticks(range(1, 6))
+        ax.set_xticks(sorted({m for m, _ in cells}))
         ax.grid(alpha=0.3)
         ax.legend(title="covariance")
     fig.tight_layout()
@@ -379,27 +409,38 @@ LAYOUTS = {"table1": table1, "table2": table2, "table3": table3, "table4": table
            "table5": table5}  # fmt: skip
 
 
+def _values_of(jobs: Sequence[Mapping[str, Any]], key: str) -> str:
+    return ", ".join(sorted({str(j["metrics"].get(key)) for j in jobs}))
+
+
 def _protocol_line(jobs: Sequence[Mapping[str, Any]]) -> str:
-    """What our numbers followed: dataset, protocol, test episodes and seeds, training seeds."""
-    parts = []
-    for key in ("dataset", "backbone"):
-        parts.append(f"{key} " + ", ".join(sorted({str(j["metrics"].get(key)) for j in jobs})))
+    """What our numbers followed: dataset, backbone, folds, shots, protocol (test episodes,
+    test seeds) and the training seeds."""
+    parts = [f"{k} {_values_of(jobs, k)}" for k in ("dataset", "backbone", "fold", "shot")]
     protos = set()
     for j in jobs:
-        p = j["metrics"].get("protocol")
+        m = j["metrics"]
+        p = m.get("protocol")
         name = p.get("name") if isinstance(p, Mapping) else p
-        episodes = j["metrics"].get("test_episodes")
-        protos.add(f"{name} ({episodes} test episodes, test seed {j['metrics'].get('test_seed')})")
+        seeds = m.get("test_seed", m.get("seeds"))  # cgmgm.train: one test seed; eval: several
+        protos.add(f"{name} ({m.get('test_episodes')} test episodes, test seed(s) {seeds})")
     parts.append("protocol " + "; ".join(sorted(protos)))
     seeds = sorted({str(sweeps.job_value(j, "seed")) for j in jobs})
     parts.append(f"mean ± sample std over training seeds {', '.join(seeds)}")
     return "ours: " + " · ".join(parts)
 
 
-PAPER_PROTOCOL = (
-    "the paper: BAM's protocol (1000 test episodes per run, the mean of 5 runs; labels scored "
-    "at original size), PASCAL-5i / COCO-20i, ResNet-50 / VGG-16 with BAM's stage 1"
-)
+def _paper_protocol() -> str:
+    from cgmgm.data.protocols import get_protocol
+
+    bam = get_protocol("bam").as_dict()
+    episodes = ", ".join(f"{k} {v}" for k, v in bam["test_episodes"].items())
+    return (
+        f"the paper: BAM's protocol (test episodes per run: {episodes}; the mean of runs with "
+        f"test seeds {bam['seeds']}; labels scored at original size: "
+        f"{bam['score_at_original']}), PASCAL-5i / COCO-20i, ResNet-50 / VGG-16 with BAM's "
+        "stage 1, 4-fold means"
+    )
 
 
 def render(name: str, jobs: Sequence[Mapping[str, Any]], missing: Sequence[Sequence[str]] = (),
@@ -408,15 +449,29 @@ def render(name: str, jobs: Sequence[Mapping[str, Any]], missing: Sequence[Seque
     the jobs still missing."""
     table = TABLES[name]
     body = fig6(jobs, out_dir) if name == "fig6" else LAYOUTS[name](jobs)
-    text = f"{table.title}\n\n{body}\n\n{_protocol_line(jobs)}\n{PAPER_PROTOCOL}"
+    text = f"{table.title}\n\n{body}\n\n{_protocol_line(jobs)}\n{_paper_protocol()}"
     if missing:
         text += f"\n\nMissing ({len(missing)} of the sweep's jobs have no finished run):\n"
         text += "\n".join("- " + " ".join(m) for m in missing)
     return text
 
 
+def _dedupe(jobs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One job per output dir (the same sweep given twice, or on disk and in W&B); an error if
+    two records of one dir disagree."""
+    out: dict[Path, dict[str, Any]] = {}
+    for j in jobs:
+        key = Path(j["dir"]).expanduser().resolve()
+        if key in out and out[key]["metrics"] != j["metrics"]:
+            raise ValueError(f"two different records of the job {key} (disk and W&B?)")
+        out.setdefault(key, j)
+    return list(out.values())
+
+
 def load_runs(collect: Sequence[Path], wandb: Sequence[str] = ()) -> tuple[list, list]:
-    """(jobs, missing) from sweep directories and W&B sources."""
+    """(jobs, missing) from sweep directories and W&B sources: each job once, and the jobs the
+    sweeps asked for (a sweep dir's multirun.yaml; a W&B job's ``sweep`` record) that have no
+    finished run."""
     jobs: list[dict[str, Any]] = []
     expected: list[list[str]] = []
     for d in collect:
@@ -428,12 +483,17 @@ def load_runs(collect: Sequence[Path], wandb: Sequence[str] = ()) -> tuple[list,
     for source in wandb:
         from cgmgm.wandb_runs import load_wandb_jobs
 
-        jobs += load_wandb_jobs(source)
+        found = load_wandb_jobs(source)
+        jobs += found
+        records = {repr(r): r for j in found if (r := (j["config"].get("sweep") or {})).get("dir")}
+        for r in records.values():
+            expected += expand_sweep(r.get("params"), r.get("task") or [])
     if not jobs and not expected:
         raise FileNotFoundError(
             f"no finished runs (<job>/metrics.json) and no sweep (multirun.yaml) in {list(collect)}"
         )
-    return jobs, missing_jobs(expected, jobs)
+    unique = list({_job_key(e): e for e in expected}.values())
+    return _dedupe(jobs), missing_jobs(unique, jobs)
 
 
 def write_table(name: str, collect: Sequence[Path], wandb: Sequence[str] = (),
@@ -482,7 +542,7 @@ def _time_step(cfg: Any) -> tuple[float, float]:
     model, bb = to_plain(cfg.model), {"name": cfg.backbone.name, "weights": "none"}
     ensemble = cfg.base_ckpt is not None
     net = build_model(model, bb, 16 if ensemble else None, int(cfg.shot))
-    size = int(sweeps._select(to_plain(cfg.dataset), "dataset_kwargs.image_size") or 473)
+    size = episode_size({"dataset": to_plain(cfg.dataset)}, cfg.protocol, cfg.dataset.dataset)
     times = []
     for train, batch in ((True, cfg.dataset.batch_size), (False, cfg.dataset.eval_batch_size)):
         b, k = int(batch), int(cfg.shot)
@@ -525,7 +585,7 @@ def dry_run(name: str, overrides: Sequence[str], timing: bool = True) -> list[li
     total, unknown, rates = 0.0, [], {}
     for i, job in enumerate(jobs):
         cfg = compose("train", [f"experiment={TABLES[name].experiment}", *job])
-        line = f"  {i:>3}  {' '.join(job)}"
+        line = f"  {i:>3}  {' '.join(o for o in job if not o.lstrip('+~').startswith('hydra'))}"
         if cfg.base_ckpt == "fit":
             out = stage1_config(cfg).paths.output_dir
             stage1.setdefault(out, _finished_stage1(Path(out)) is not None)

@@ -18,10 +18,11 @@ summary with the list of its keys. A job's ``config`` here is that resolved conf
 ``dir`` the output dir the job wrote (``paths.output_dir``), as :func:`load_jobs` gives it.
 
 Runs that are not such jobs (stage 1 of ``cgmgm.train``, ``cgmgm.train_base``, other
-programs) are left out with a warning naming them; a job's run without metrics (failed,
-interrupted, still running) is an error naming it, unless another run of the same output dir
-(a resume in place) has them: then it is left out with a warning, as is any earlier run of
-that dir with metrics (the latest one is what the dir's metrics.json holds).
+programs) are left out with a warning naming them; so is a job's run without metrics (failed,
+interrupted, still running: :mod:`cgmgm.tables` lists it as missing from the sweep's record in
+the other jobs' ``sweep``), and, when another run of the same output dir (a resume in place)
+has metrics, any earlier run of that dir (the latest one is what the dir's metrics.json
+holds).
 """
 
 from __future__ import annotations
@@ -268,13 +269,14 @@ def load_wandb_jobs(source: str | Path, api: Any = None) -> list[dict[str, Any]]
         done = sorted(
             (p for p in pairs if p[1]["metrics"] is not None), key=lambda p: p[0]["start_time"]
         )
-        if not done:
-            raise ValueError(
+        if not done:  # a table lists it as missing (cgmgm.tables: its sweep's record)
+            warnings.warn(
                 f"{_label(pairs[-1][0])} (job {folder}) has no final metrics in its summary: "
                 "the job failed, was interrupted or is still running (a finished cgmgm.train / "
-                "cgmgm.eval job with logger=wandb puts its metrics.json there); finish or resume "
-                "it, or delete the run (its folder) to table the others"
+                "cgmgm.eval job with logger=wandb puts its metrics.json there); left out",
+                stacklevel=2,
             )
+            continue
         left = [r for r, _ in pairs if r is not done[-1][0]]
         if left:
             warnings.warn(
