@@ -358,3 +358,13 @@ def test_damaged_run_file_is_an_error(jobs, tmp_path):
         read_run_file(bad)
     shutil.copy(src, tmp_path / "run-good.wandb")
     assert read_run_file(tmp_path / "run-good.wandb")["config"] == _run_record(jobs.job)["config"]
+
+
+def test_the_wandb_logger_class_pickles_by_name():
+    """ddp_spawn and other launchers pickle the logger: its class is found by name."""
+    import pickle
+
+    from cgmgm import loggers
+
+    cls = loggers.CGMGMWandbLogger
+    assert pickle.loads(pickle.dumps(cls)) is cls
