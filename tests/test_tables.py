@@ -224,3 +224,20 @@ def test_wandb_runs_make_the_same_table(tmp_path, monkeypatch):
     tables.main(["table2", "--collect", str(sweep)])
     assert seen == ["team/cgmgm:t2"] and from_wandb == (sweep / "table2.md").read_text()
     assert _cells(from_wandb, "CGMGM (ours)")[8] == f"20.50 ± {statistics.stdev([20, 21]):.2f}"
+
+
+def test_a_wandb_sweeps_record_marks_its_unfinished_jobs_missing(tmp_path, monkeypatch):
+    from cgmgm import sweeps, wandb_runs
+
+    sweep = tmp_path / "s"
+    ov = ["ablation=cgmgm", "fold=1", "shot=1", "seed=0"]
+    _job(sweep, 0, ov, {"test/mIoU": 20.0, "test/FB-IoU": 50.0})
+    record = {"dir": str(sweep), "job_num": 0, "params": {"fold": "1,2"},
+              "task": ["ablation=cgmgm", "shot=1", "seed=0"]}  # fmt: skip
+    jobs = sweeps.load_jobs(sweep)
+    jobs[0]["config"]["sweep"] = record  # as cgmgm.loggers.run_config records it in W&B
+    monkeypatch.setattr(wandb_runs, "load_wandb_jobs", lambda source: jobs)
+    text = tables.write_table("table2", [], ["team/cgmgm"], tmp_path / "t.md")
+    assert (
+        "Missing (1 of the sweep's jobs" in text and "- fold=2 ablation=cgmgm shot=1 seed=0" in text
+    )

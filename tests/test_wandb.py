@@ -112,7 +112,14 @@ def test_config_holds_resolved_config_overrides_and_sweep(jobs):
     )
     on_disk = yaml.safe_load((jobs.job / ".hydra" / "overrides.yaml").read_text())
     assert config["overrides"] == on_disk and "base_ckpt=null" in on_disk
-    assert config["sweep"] == {"dir": str(jobs.sweep.resolve()), "job_num": 0}
+    multirun = yaml.safe_load((jobs.sweep / "multirun.yaml").read_text())["hydra"]
+    assert config["sweep"] == {
+        "dir": str(jobs.sweep.resolve()),
+        "job_num": 0,  # and what the whole sweep asked for (cgmgm.tables marks the rest missing)
+        "params": {k: str(v) for k, v in (multirun["sweeper"]["params"] or {}).items()},
+        "task": multirun["overrides"]["task"],
+    }
+    assert config["sweep"]["task"]  # the sweep's command line
     assert run["group"] == jobs.sweep.name  # a sweep's jobs share a W&B group
     # the LightningModule's hyper-parameters sit under "module", not over the Hydra config
     assert config["module"]["class_ids"] == [1, 2, 3, 4, 5]
