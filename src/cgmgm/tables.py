@@ -423,6 +423,9 @@ def _protocol_line(jobs: Sequence[Mapping[str, Any]]) -> str:
         p = m.get("protocol")
         name = p.get("name") if isinstance(p, Mapping) else p
         seeds = m.get("test_seed", m.get("seeds"))  # cgmgm.train: one test seed; eval: several
+        if seeds is None:  # runs from before the record: the config's, else the protocol's first
+            seeds = j["config"].get("test_seed")
+            seeds = seeds if seeds is not None else (p or {}).get("seeds", [None])[0]
         protos.add(f"{name} ({m.get('test_episodes')} test episodes, test seed(s) {seeds})")
     parts.append("protocol " + "; ".join(sorted(protos)))
     seeds = sorted({str(sweeps.job_value(j, "seed")) for j in jobs})
@@ -437,9 +440,9 @@ def _paper_protocol() -> str:
     episodes = ", ".join(f"{k} {v}" for k, v in bam["test_episodes"].items())
     return (
         f"the paper: BAM's protocol (test episodes per run: {episodes}; the mean of runs with "
-        f"test seeds {bam['seeds']}; labels scored at original size: "
-        f"{bam['score_at_original']}), PASCAL-5i / COCO-20i, ResNet-50 / VGG-16 with BAM's "
-        "stage 1, 4-fold means"
+        f"test seeds {bam['seeds']}; labels scored at "
+        f"{'original size' if bam['score_at_original'] else 'the test size'}), PASCAL-5i / "
+        "COCO-20i, ResNet-50 / VGG-16 with BAM's stage 1, 4-fold means"
     )
 
 
