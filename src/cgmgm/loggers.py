@@ -324,14 +324,20 @@ def _sweep_record() -> dict[str, Any] | None:
     if hc.mode != RunMode.MULTIRUN:
         return None
     record = {"dir": str(Path(str(hc.sweep.dir)).resolve()), "job_num": int(hc.job.num)}
-    # what the whole sweep asked for (its multirun.yaml), so that a table read from W&B marks
-    # the jobs without a finished run as missing (cgmgm.tables)
-    sweep = Path(record["dir"]) / "multirun.yaml"
-    hydra = (OmegaConf.load(sweep).get("hydra") or {}) if sweep.is_file() else {}
-    params = OmegaConf.select(hydra, "sweeper.params") if hydra else None
-    record["params"] = {str(k): str(v) for k, v in (params or {}).items()}
-    record["task"] = [str(o) for o in (OmegaConf.select(hydra, "overrides.task") or [])]
+    # what the whole sweep asked for, so that a table read from W&B marks the jobs without a
+    # finished run as missing (cgmgm.tables)
+    record["params"], record["task"] = sweep_request(record["dir"])
     return record
+
+
+def sweep_request(sweep_dir: str | Path) -> tuple[dict[str, str], list[str]]:
+    """(sweeper params, command-line overrides) of the multirun in ``sweep_dir``, from its
+    ``multirun.yaml`` (({}, []) when it has none): what Hydra expands into the sweep's jobs."""
+    path = Path(sweep_dir) / "multirun.yaml"
+    hydra = (OmegaConf.load(path).get("hydra") or {}) if path.is_file() else {}
+    params = OmegaConf.select(hydra, "sweeper.params") if hydra else None
+    task = OmegaConf.select(hydra, "overrides.task") if hydra else None
+    return {str(k): str(v) for k, v in (params or {}).items()}, [str(o) for o in task or []]
 
 
 def wandb_logger(

@@ -85,22 +85,17 @@ def expand_sweep(params: Mapping[str, Any] | None, overrides: Sequence[str]) -> 
 
 
 def _job_key(overrides: Sequence[str] | Mapping[str, Any]) -> tuple:
-    items = overrides.items() if isinstance(overrides, Mapping) else None
-    if items is None:
-        items = sweeps._parse_overrides(overrides).items()
-    return tuple(sorted((k, repr(v)) for k, v in items))
+    if not isinstance(overrides, Mapping):
+        overrides = sweeps._parse_overrides(overrides)
+    return tuple(sorted((k, repr(v)) for k, v in overrides.items()))
 
 
 def expected_jobs(sweep_dir: Path) -> list[list[str]]:
     """The jobs a sweep directory's ``multirun.yaml`` asked for ([] when it has none)."""
-    import yaml
+    from cgmgm.loggers import sweep_request
 
-    path = Path(sweep_dir) / "multirun.yaml"
-    if not path.is_file():
-        return []
-    hydra = (yaml.safe_load(path.read_text()) or {}).get("hydra") or {}
-    params = (hydra.get("sweeper") or {}).get("params")
-    return expand_sweep(params, (hydra.get("overrides") or {}).get("task") or [])
+    params, task = sweep_request(sweep_dir)
+    return expand_sweep(params, task) if params or task else []
 
 
 def missing_jobs(
@@ -524,14 +519,14 @@ def write_table(name: str, collect: Sequence[Path], wandb: Sequence[str] = (),
 # ------------------------------------------------------------------------------- dry run
 
 
-def _sweep_config(name: str, overrides: Sequence[str]) -> tuple[Any, list[list[str]]]:
+def _sweep_jobs(name: str, overrides: Sequence[str]) -> list[list[str]]:
+    """The jobs ``python -m cgmgm.tables <name> <overrides>`` launches."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides([str(o) for o in overrides])
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     cfg = compose("train", [f"experiment={TABLES[name].experiment}", *fixed], hydra=True)
-    params = to_plain(cfg.hydra.sweeper.params) or {}
-    return cfg, expand_sweep(params, overrides)
+    return expand_sweep(to_plain(cfg.hydra.sweeper.params) or {}, overrides)
 
 
 def _time_step(cfg: Any) -> tuple[float, float]:
@@ -580,7 +575,7 @@ def dry_run(name: str, overrides: Sequence[str], timing: bool = True) -> list[li
     runs they need (trained or reused), and an estimate of their cost on this machine."""
     from cgmgm.train import _finished_stage1, stage1_config
 
-    _, jobs = _sweep_config(name, overrides)
+    jobs = _sweep_jobs(name, overrides)
     command = " ".join(["python -m cgmgm.train -m", f"experiment={TABLES[name].experiment}"])
     command = " ".join([command, *overrides])
     print(f"{TABLES[name].title}: {len(jobs)} jobs ({command})")
